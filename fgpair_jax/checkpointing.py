@@ -1,0 +1,101 @@
+"""Checkpoints with orbax: the whole `TrainState` plus a JSON fingerprint of what produced it.
+
+Why a fingerprint: resuming into a workdir written by another model or method would otherwise fail
+deep inside orbax with a shape error, or worse, succeed on a coincidentally matching tree. We compare
+the fingerprint first and refuse with a one-line error, touching nothing on disk.
+
+Saves are asynchronous (training continues while orbax writes) and atomic (orbax writes to a temporary
+directory and renames it when complete), so a run killed mid-save still finds its previous checkpoint.
+"""
+import os
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+
+
+def fingerprint(config, state) -> dict:
+    """What must match for a checkpoint to be resumable: method, model, resolution and every shape."""
+    shapes = {
+        jax.tree_util.keystr(path): list(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "model": config.model.name,
+        "image_size": config.data.image_size,
+        "shapes": shapes,
+    }
+
+
+def describe_mismatch(saved: dict, expected: dict) -> Optional[str]:
+    """The first difference between two fingerprints in words, or None when they agree."""
+    for key in ("format_version", "method", "model", "image_size"):
+        if saved.get(key) != expected.get(key):
+            return f"{key} is {saved.get(key)!r} in the checkpoint but {expected.get(key)!r} in the config"
+    saved_shapes, expected_shapes = saved.get("shapes", {}), expected["shapes"]
+    for name, shape in expected_shapes.items():
+        if name not in saved_shapes:
+            return f"the checkpoint has no {name}"
+        if saved_shapes[name] != shape:
+            return f"{name} has shape {saved_shapes[name]} in the checkpoint but {shape} in the model"
+    extra = sorted(set(saved_shapes) - set(expected_shapes))
+    return f"the checkpoint has an unexpected {extra[0]}" if extra else None
+
+
+class Checkpointer:
+    """Keep-the-last-N orbax manager for one run directory, with fingerprint checks on restore."""
+
+    def __init__(self, directory: str, keep: int, expected_fingerprint: dict):
+        self.directory = os.path.abspath(directory)
+        self.expected_fingerprint = expected_fingerprint
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def check_compatible(self, step: int) -> None:
+        """Raise a one-line error if the checkpoint at `step` was written by something else."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        problem = describe_mismatch(saved, self.expected_fingerprint)
+        if problem:
+            raise ValueError(
+                f"Cannot resume from {self.directory}/{step}: {problem}. Use a new --workdir for this config "
+                "(the existing checkpoint was left untouched)."
+            )
+
+    def restore(self, template_state, step: Optional[int] = None):
+        """The state saved at `step` (default: latest), laid out like `template_state` (shapes + shardings)."""
+        step = self.latest_step() if step is None else step
+        self.check_compatible(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"]
+
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        """Start an asynchronous save of `state` as `step` (no-op if that step is already saved)."""
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.expected_fingerprint)
+            ),
+            force=force,
+        )
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host once any host got a preemption notice (TPU/Cloud); save and exit then."""
+        return self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        """Wait for pending asynchronous saves, then release the manager. Call before exiting."""
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,26 @@
+"""Command line: `python -m fgpair_jax.main --config=configs/cub.py[:quick] --workdir=W [--config.k=v]`.
+
+Trains (resuming if W holds a checkpoint of the same config) and evaluates. Results: W/eval/.
+"""
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fgpair_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cub.py:quick.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/cub_quick", "Run directory: checkpoints, logs, eval/.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}: use --config.key=value for overrides.")
+    logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
+                 jax.default_backend(), jax.process_index(), jax.process_count())
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

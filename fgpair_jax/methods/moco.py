@@ -1,0 +1,116 @@
+"""MoCo v2 (Chen et al. 2020): InfoNCE between a query encoder and its momentum copy, negatives from a queue.
+
+The pieces other methods reuse are public here: `init_variables` (encoder + projection head),
+`embed` (one encoder pass -> feature map, pooled vector, normalised projection) and `momentum_keys`
+(the key pass with shuffle-BN). A method is a module with `init_variables`, `loss` and `eval_features`
+(see `methods/__init__.py`).
+
+Shuffle-BN under jit: the encoder normalises each of `config.model.bn_groups` contiguous slices of the
+batch with its own statistics (`models/norm.py`), and the key batch is randomly permuted before the
+momentum encoder and un-permuted after. A query and its key therefore never share batch statistics,
+which is what MoCo's per-GPU shuffle achieves, but independent of how many devices run the step.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fgpair_jax import contrastive
+from fgpair_jax.models import build_encoder, feature_dim
+from fgpair_jax.models.heads import ProjectionMLP
+
+# Subtrees of `params` that have a momentum (EMA) copy used as the key encoder.
+MOMENTUM_SUBTREES = ("encoder", "head")
+
+
+class Embedding(NamedTuple):
+    feature_map: jax.Array  # [B, h, w, D] last feature map of the encoder
+    pooled: jax.Array  # [B, D] spatial mean of the feature map
+    projection: jax.Array  # [B, d] L2-normalised output of the projection head
+
+
+def projection_head(config) -> ProjectionMLP:
+    return ProjectionMLP(hidden_dim=config.moco.hidden_dim or feature_dim(config.model), out_dim=config.moco.dim)
+
+
+def init_variables(rng: jax.Array, config) -> dict:
+    """Fresh {'params': {'encoder', 'head'}, 'batch_stats': {'encoder'}} for `config`."""
+    encoder_rng, head_rng = jax.random.split(rng)
+    size = config.data.image_size
+    encoder_vars = build_encoder(config.model).init(encoder_rng, jnp.zeros((1, size, size, 3)), train=False)
+    head_vars = projection_head(config).init(head_rng, jnp.zeros((1, feature_dim(config.model))))
+    return {
+        "params": {"encoder": encoder_vars["params"], "head": head_vars["params"]},
+        "batch_stats": {"encoder": encoder_vars["batch_stats"]},
+    }
+
+
+def encode(params, batch_stats, images, config, *, train: bool):
+    """Encoder pass -> ((feature_map, pooled), new encoder batch_stats or the old ones if not train)."""
+    variables = {"params": params["encoder"], "batch_stats": batch_stats["encoder"]}
+    encoder = build_encoder(config.model)
+    if not train:
+        return encoder.apply(variables, images, train=False), batch_stats["encoder"]
+    outputs, updates = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
+    return outputs, updates["batch_stats"]
+
+
+def project(params, pooled, config) -> jax.Array:
+    """Projection head + L2 normalisation: the embedding InfoNCE compares."""
+    return contrastive.l2_normalize(projection_head(config).apply({"params": params["head"]}, pooled))
+
+
+def embed(params, batch_stats, images, config, *, train: bool = True):
+    """One encoder + head pass -> (Embedding, new batch_stats dict)."""
+    (feature_map, pooled), encoder_stats = encode(params, batch_stats, images, config, train=train)
+    new_stats = dict(batch_stats, encoder=encoder_stats)
+    return Embedding(feature_map, pooled, project(params, pooled, config)), new_stats
+
+
+def momentum_keys(state, images, rng, config):
+    """Keys from the momentum encoder with shuffle-BN -> (keys [B, d] constant, new ema_batch_stats)."""
+    batch = images.shape[0]
+    order = jax.random.permutation(rng, batch) if config.moco.shuffle_bn else jnp.arange(batch)
+    embedding, new_stats = embed(state.ema_params, state.ema_batch_stats, images[order], config)
+    keys = embedding.projection[jnp.argsort(order)]
+    return jax.lax.stop_gradient(keys), new_stats
+
+
+def contrastive_loss(params, state, view1, view2, rng, config):
+    """L_C: MoCo v2 InfoNCE, optionally symmetrised. Returns (loss, aux) with the pieces other methods need.
+
+    aux: 'keys' to enqueue, 'batch_stats' / 'ema_batch_stats' to store, 'query' (Embedding of view1),
+    'metrics' (scalars).
+    """
+    key_rng, key_rng_swapped = jax.random.split(rng)
+    query, batch_stats = embed(params, state.batch_stats, view1, config)
+    keys, ema_batch_stats = momentum_keys(state, view2, key_rng, config)
+    loss, accuracy = contrastive.info_nce(query.projection, keys, state.queue, config.moco.temperature)
+    if config.moco.symmetric:
+        query2, batch_stats = embed(params, batch_stats, view2, config)
+        keys2, ema_batch_stats = momentum_keys(
+            state.replace(ema_batch_stats=ema_batch_stats), view1, key_rng_swapped, config
+        )
+        loss2, accuracy2 = contrastive.info_nce(query2.projection, keys2, state.queue, config.moco.temperature)
+        loss, accuracy = (loss + loss2) / 2, (accuracy + accuracy2) / 2
+    aux = {
+        "keys": keys,
+        "batch_stats": batch_stats,
+        "ema_batch_stats": ema_batch_stats,
+        "query": query,
+        "metrics": {"loss_contrastive": loss, "contrastive_accuracy": accuracy},
+    }
+    return loss, aux
+
+
+def loss(params, state, view1, view2, rng, config):
+    """MoCo v2's objective is L_C alone."""
+    total, aux = contrastive_loss(params, state, view1, view2, rng, config)
+    aux["metrics"]["loss"] = total
+    return total, aux
+
+
+def eval_features(params, batch_stats, images, config) -> jax.Array:
+    """Frozen-encoder features for evaluation: the pooled vector of the query encoder (running BN stats)."""
+    (_, pooled), _ = encode(params, batch_stats, images, config, train=False)
+    return pooled

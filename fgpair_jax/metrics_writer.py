@@ -1,0 +1,76 @@
+"""Where training metrics go: a JSONL file (for tools), TensorBoard event files (for people), and the console.
+
+TensorBoard files are written with tensorboardX, so no TensorFlow is needed. Only process 0 writes.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricsWriter:
+    """Appends `{"step": s, **scalars}` lines to `<workdir>/metrics.jsonl` and scalars to TensorBoard."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        for name, value in values.items():
+            self.tensorboard.add_scalar(name, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+class Progress:
+    """A one-line progress bar with images/s and ETA, updated in place (tqdm), process 0 only."""
+
+    def __init__(self, total_steps: int, start_step: int, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.bar = None
+        if jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            mininterval=2.0, smoothing=0.1)
+        self._last_time, self._last_step = time.perf_counter(), start_step
+
+    def update(self, step: int, loss: float = None) -> float:
+        """Advance to `step`; returns images/s since the previous call."""
+        now = time.perf_counter()
+        rate = (step - self._last_step) * self.images_per_step / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            postfix = {"img/s": f"{rate:.1f}"}
+            if loss is not None:
+                postfix["loss"] = f"{loss:.3f}"
+            self.bar.set_postfix(postfix, refresh=False)
+        return rate
+
+    def write(self, line: str) -> None:
+        """Print a line above the bar (the per-epoch summary)."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            logging.info(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,68 @@
+"""The training state: one pytree holding everything the next step depends on.
+
+Saving this pytree (plus the data iterator position, which is a function of `step`) is enough to
+resume a run exactly: see `checkpointing.py`.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from fgpair_jax import contrastive
+from fgpair_jax.methods import get_method
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: Any  # trainable: {'encoder', 'head', ...method extras}
+    batch_stats: Any  # batch-norm running statistics of the online networks
+    ema_params: Any  # momentum (key) copy of params[MOMENTUM_SUBTREES]
+    ema_batch_stats: Any  # running statistics of the momentum encoder
+    opt_state: Any
+    queue: jax.Array  # [K, d] negative keys, L2-normalised
+    queue_pointer: jax.Array  # int32 scalar: next row of the queue to overwrite
+    rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly); split every step
+    extras: Any = None  # method state that is not trained (e.g. a variance EMA)
+
+
+def resolve_queue_size(config, num_train_examples: int) -> int:
+    """Queue length K: `moco.queue_size`, or with 0 the largest multiple of the global batch that fits
+    in `moco.queue_fraction` of the training set.
+
+    Why a fraction: on a small fine-grained data set a MoCo-ImageNet queue (65,536) would hold every
+    image many times over, its own earlier keys among the negatives; sizing it to part of one epoch
+    keeps the negatives mostly other images.
+    """
+    batch = config.global_batch_size
+    size = config.moco.queue_size or int(config.moco.queue_fraction * num_train_examples) // batch * batch
+    if size < batch or size % batch:
+        raise ValueError(
+            f"MoCo queue size {size} must be a positive multiple of config.global_batch_size={batch}; "
+            "set config.moco.queue_size accordingly (or 0 for automatic)."
+        )
+    return size
+
+
+def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation, queue_size: int,
+                       initial_variables=None) -> TrainState:
+    """A fresh state. `initial_variables` (e.g. ImageNet weights) replaces the random init when given."""
+    method = get_method(config.method)
+    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+    variables = initial_variables or method.init_variables(init_rng, config)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    momentum = {name: params[name] for name in method.MOMENTUM_SUBTREES}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        ema_params=jax.tree.map(jnp.copy, momentum),
+        ema_batch_stats=jax.tree.map(jnp.copy, {k: v for k, v in batch_stats.items() if k in momentum}),
+        opt_state=tx.init(params),
+        queue=contrastive.initial_queue(queue_rng, queue_size, config.moco.dim),
+        queue_pointer=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(state_rng),
+        extras=getattr(method, "init_extras", lambda c: {})(config),
+    )

@@ -1,0 +1,66 @@
+"""One training step, method-agnostic: augment on device, loss + gradients, update, momentum, queue.
+
+`make_train_step` returns the jitted function; the caller places the state replicated and the batch
+sharded over the mesh (`parallel.py`), and XLA partitions the step. The method (`config.method`)
+supplies only the loss.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fgpair_jax import contrastive, parallel
+from fgpair_jax.data import augment
+from fgpair_jax.methods import get_method
+from fgpair_jax.state import TrainState
+
+
+def augment_views(rng: jax.Array, batch: dict, config):
+    """MoCo v2 photometric augmentation of both host-cropped uint8 views, independently per view."""
+    rng1, rng2 = jax.random.split(rng)
+    options = dict(config.augment)
+    return (augment.mocov2_photometric(rng1, batch["view1"], **options),
+            augment.mocov2_photometric(rng2, batch["view2"], **options))
+
+
+def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTransformation):
+    """state, batch{'view1','view2' uint8} -> (next state, metrics dict of scalars)."""
+    method = get_method(config.method)
+    rng = jax.random.wrap_key_data(state.rng)
+    rng, augment_rng, loss_rng = jax.random.split(rng, 3)
+    view1, view2 = augment_views(augment_rng, batch, config)
+
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (_, aux), grads = grad_fn(state.params, state, view1, view2, loss_rng, config)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    online = {name: params[name] for name in method.MOMENTUM_SUBTREES}
+    ema_params = contrastive.ema_update(state.ema_params, online, config.moco.momentum)
+    queue, queue_pointer = contrastive.enqueue(state.queue, state.queue_pointer, aux["keys"])
+    next_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=aux["batch_stats"],
+        ema_params=ema_params,
+        ema_batch_stats=aux["ema_batch_stats"],
+        opt_state=opt_state,
+        queue=queue,
+        queue_pointer=queue_pointer,
+        rng=jax.random.key_data(rng),
+        extras=aux.get("extras", state.extras),
+    )
+    metrics = dict(aux["metrics"], grad_norm=optax.global_norm(grads))
+    return next_state, metrics
+
+
+def make_train_step(config, tx, mesh):
+    """The jitted step: state replicated in and out (donated), batch sharded over `data`."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        functools.partial(train_step, config=config, tx=tx),
+        in_shardings=(replicated, parallel.batch_sharded(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,144 @@
+"""`train_and_evaluate(config, workdir)`: resume-first training, then evaluation of the frozen encoder.
+
+The loop: restore the latest checkpoint if the workdir has one (after checking it belongs to this
+config), otherwise start fresh; then for each step feed the host batch onto the mesh, run the jitted
+step, log, and checkpoint (every `checkpoint_every_steps`, every epoch end, on preemption, at the end).
+Evaluation writes `<workdir>/eval/metrics.json` and `features.npz` (see `evaluate.py`).
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from fgpair_jax import checkpointing, evaluate, optim, parallel
+from fgpair_jax import state as state_lib
+from fgpair_jax import step as step_lib
+from fgpair_jax.data import pipeline, sources as data_sources
+from fgpair_jax.metrics_writer import MetricsWriter, Progress
+
+
+def save_config(config, workdir: str) -> None:
+    """`<workdir>/config.json`: what `fgpair_jax.evaluate` and later tools rebuild the run from."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def build_run(config, info, mesh):
+    """Everything derived from the config and the data: steps, optimiser, fresh state, fingerprint."""
+    parallel.check_batch_divisible(config.global_batch_size, mesh)
+    num_train = info.split_sizes["train"]
+    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
+    tx = optim.make_optimizer(config, steps_per_epoch)
+    queue_size = state_lib.resolve_queue_size(config, num_train)
+    state = state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    return steps_per_epoch, tx, state
+
+
+def checkpointer_for(config, workdir: str, state) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.keep_checkpoints, checkpointing.fingerprint(config, state)
+    )
+
+
+def restore_latest_state(config, workdir: str, info, mesh):
+    """The latest checkpointed state of a run (for re-evaluation); error if there is none."""
+    _, _, state = build_run(config, info, mesh)
+    checkpointer = checkpointer_for(config, workdir, state)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first with fgpair_jax.main.")
+    state = checkpointer.restore(state)
+    checkpointer.close()
+    return state
+
+
+def _host_batches(config, source, start_step: int):
+    """This process's share of the global batches, positioned at `start_step` (exact resume)."""
+    dataset = pipeline.train_dataset(
+        source,
+        global_batch_size=config.global_batch_size,
+        image_size=config.data.image_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        worker_count=config.data.worker_count,
+        crop_scale=(config.data.crop_scale_min, 1.0),
+    )
+    iterator = iter(dataset)
+    if start_step:
+        iterator.set_state({"next_index": start_step})
+    return iterator
+
+
+def _epoch_summary(epoch, num_epochs, step, means, rate, elapsed, knn=None) -> str:
+    parts = [f"epoch {epoch}/{num_epochs}", f"step {step}"]
+    parts += [f"{name} {value:.4f}" for name, value in sorted(means.items())]
+    if knn is not None:
+        parts.append(f"knn_top1 {knn:.2f}%")
+    parts += [f"{rate:.1f} img/s", f"{elapsed / 60:.1f} min"]
+    return " | ".join(parts)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate; returns the metrics."""
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh()
+    sources, info = data_sources.load_sources(config, workdir)
+    steps_per_epoch, tx, state = build_run(config, info, mesh)
+    checkpointer = checkpointer_for(config, workdir, state)
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+        logging.info("Resumed from step %d in %s.", int(state.step), checkpointer.directory)
+    save_config(config, workdir)
+
+    total_steps = config.num_epochs * steps_per_epoch
+    start_step = int(jax.device_get(state.step))
+    train_step = step_lib.make_train_step(config, tx, mesh)
+    writer = MetricsWriter(workdir)
+    progress = Progress(total_steps, start_step, config.global_batch_size)
+    feature_fn = evaluate.make_feature_fn(config, mesh)
+    batches = _host_batches(config, sources["train"], start_step)
+    logging.info("Training %s/%s: %d steps/epoch, %d steps, %d devices, queue %d.", config.method,
+                 config.model.name, steps_per_epoch, total_steps, mesh.devices.size, state.queue.shape[0])
+
+    start_time, epoch_metrics = time.perf_counter(), []
+    for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
+        epoch_metrics.append(metrics)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            scalars = jax.device_get(metrics)
+            rate = progress.update(step, float(scalars["loss"]))
+            writer.write_scalars(step, dict(scalars, images_per_second=rate))
+        if step % steps_per_epoch == 0:
+            epoch = step // steps_per_epoch
+            means = {k: float(np.mean(v)) for k, v in jax.device_get(
+                jax.tree.map(lambda *xs: np.stack(xs), *epoch_metrics)).items()}
+            epoch_metrics = []
+            knn = None
+            if config.eval.knn_every_epochs and epoch % config.eval.knn_every_epochs == 0:
+                knn = evaluate.knn_monitor(feature_fn, state, sources, config, mesh, info.num_classes)
+                writer.write_scalars(step, {"knn_top1": knn})
+            rate = progress.update(step)
+            progress.write(_epoch_summary(epoch, config.num_epochs, step, means, rate,
+                                          time.perf_counter() - start_time, knn))
+        if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
+            checkpointer.save(step, state)
+        if checkpointer.reached_preemption(step):
+            checkpointer.save(step, state, force=True)
+            checkpointer.close()
+            logging.warning("Preempted at step %d: checkpoint saved; rerun the same command to resume.", step)
+            return {}
+    progress.close()
+    checkpointer.save(total_steps, state, force=True)
+    checkpointer.close()
+
+    metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
+    writer.write_scalars(total_steps, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+    writer.close()
+    logging.info("Evaluation: %s", json.dumps(metrics, sort_keys=True))
+    return metrics

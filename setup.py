@@ -1,0 +1,33 @@
+"""fgpair_jax: discriminative features from synthesized pairs for self-supervised fine-grained recognition."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fgpair_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax implementation of 'On Learning Discriminative Features from Synthesized Data for "
+        "Self-Supervised Fine-Grained Visual Recognition' (ECCV 2024)"
+    ),
+    packages=find_packages(include=["fgpair_jax", "fgpair_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=1.0",
+        "chex>=0.1.88",
+        "grain>=0.2.10",
+        "array-record>=0.7",
+        "pillow>=10",
+        "importlib_resources",  # TFDS imports it without declaring it.
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
+        "tqdm",
+        "absl-py",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+    },
+)
