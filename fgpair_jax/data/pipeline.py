@@ -1,0 +1,314 @@
+"""Host input pipeline (grain): decode + geometric augmentation on the host, uint8 batches out.
+
+Why this split: JPEG decoding and random-resized crops need variable-sized images, which only the host
+handles well; photometric augmentation (colour jitter, greyscale, blur) and normalisation are dense
+per-pixel maths that the accelerator does far faster (fgpair_jax/data/augment.py). Shipping uint8 also
+cuts host->device traffic by 4x.
+
+Determinism: every random choice for a record comes from `np.random.default_rng((seed, epoch, record))`
+and the order from grain's index shuffle (reseeded each epoch), so a batch depends only on (seed, step,
+process layout) -- never on worker or thread counts, and a restored iterator continues identically.
+
+Multi-host: global batch g holds the shuffled positions [g*B, (g+1)*B); process p reads and decodes only
+positions [g*B + p*b, g*B + (p+1)*b) with b = B // process_count, so the process-local batches laid side by
+side (e.g. by jax.make_array_from_process_local_data) are exactly the single-process global batch.
+
+Checkpointing the train position:
+    iterator = iter(train_dataset(...))        # a grain DatasetIterator
+    state = iterator.get_state()               # small JSON-able dict, e.g. {"next_index": 1234}
+    iterator = iter(train_dataset(...)); iterator.set_state(state)   # same arguments -> same next batch
+With orbax, save it as an item handled by `grain.checkpoint.CheckpointHandler` (also exported as
+`grain.python.PyGrainCheckpointHandler`), via `grain.checkpoint.CheckpointSave(iterator)` /
+`grain.checkpoint.CheckpointRestore(iterator)`; each process saves its own state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+from absl import flags
+import numpy as np
+from PIL import Image
+
+CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before its centre-crop fallback.
+_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+# ---------------------------------------------------------------- per-image transforms (pure, numpy/PIL)
+
+
+def _check_rgb_uint8(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [H,W,3] image, got {image.dtype} {image.shape}; decode to RGB first")
+
+
+def sample_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) with torchvision RandomResizedCrop semantics.
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); up to 10 tries to fit, then a centre crop clamped
+    to the ratio range.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(CROP_ATTEMPTS):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return top, left, crop_height, crop_width
+    input_ratio = width / height
+    if input_ratio < min(ratio):
+        crop_width, crop_height = width, int(round(width / min(ratio)))
+    elif input_ratio > max(ratio):
+        crop_height, crop_width = height, int(round(height * max(ratio)))
+    else:
+        crop_height, crop_width = height, width
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def _resized_crop(
+    image: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    interpolation: str,
+) -> Image.Image:
+    top, left, crop_height, crop_width = sample_crop_box(image.height, image.width, rng, scale, ratio)
+    box = (left, top, left + crop_width, top + crop_height)
+    return image.resize((size, size), _RESAMPLING[interpolation], box=box)  # One antialiased crop+resize.
+
+
+def random_resized_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """A random box (see sample_crop_box) of a uint8 [H,W,3] image, resized by PIL to uint8 [size,size,3]."""
+    _check_rgb_uint8(image)
+    return np.asarray(_resized_crop(Image.fromarray(image), rng, size, scale, ratio, interpolation))
+
+
+def two_views(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    interpolation: str = "bilinear",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent MoCo-v2 geometric views: random resized crop, then a horizontal flip with p=0.5.
+
+    Works on PIL images until the end: PIL's flip is ~15x cheaper than a strided numpy copy.
+    """
+    _check_rgb_uint8(image)
+    pil_image = Image.fromarray(image)
+    views = []
+    for _ in range(2):
+        view = _resized_crop(pil_image, rng, size, scale, (3 / 4, 4 / 3), interpolation)
+        if rng.random() < 0.5:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views.append(np.asarray(view))
+    return views[0], views[1]
+
+
+def eval_transform(
+    image: np.ndarray, size: int, crop_fraction: float = 0.875, interpolation: str = "bilinear"
+) -> np.ndarray:
+    """Shorter side to round(size / crop_fraction), then a centre size x size crop (Resize(256)+CenterCrop(224))."""
+    _check_rgb_uint8(image)
+    height, width = image.shape[:2]
+    short_side = int(round(size / crop_fraction))
+    if height <= width:
+        new_height, new_width = short_side, int(short_side * width / height)
+    else:
+        new_height, new_width = int(short_side * height / width), short_side
+    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), _RESAMPLING[interpolation]))
+    top = int(round((new_height - size) / 2.0))
+    left = int(round((new_width - size) / 2.0))
+    return resized[top : top + size, left : left + size]
+
+
+# ---------------------------------------------------------------- batching arithmetic
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full global batches per epoch; each epoch drops its own remainder, so step // steps = epoch."""
+    steps = num_examples // global_batch_size
+    if steps == 0:
+        raise ValueError(
+            f"global batch size {global_batch_size} exceeds the {num_examples} training examples; lower it"
+        )
+    return steps
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Each process's share of a global batch."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by process_count {process_count}; "
+            "pick a multiple of the number of processes"
+        )
+    return global_batch_size // process_count
+
+
+def global_position(local_position: int, local_batch: int, process_index: int, process_count: int) -> int:
+    """Position in the global stream of this process's `local_position`-th element (contiguous slices)."""
+    batch_number, offset = divmod(local_position, local_batch)
+    return batch_number * local_batch * process_count + process_index * local_batch + offset
+
+
+# ---------------------------------------------------------------- grain element functions (picklable)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TwoViewExample:
+    """Maps a process-local stream position to {view1, view2, label, index} of the record it stands for."""
+
+    source: Sequence[dict]
+    record_order: grain.MapDataset  # position epoch*N + i -> record index; reshuffled every epoch
+    examples_per_epoch: int  # steps_per_epoch * global batch (the epoch's remainder is dropped)
+    seed: int
+    image_size: int
+    crop_scale: tuple[float, float]
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    def __call__(self, local_position: int) -> dict[str, Any]:
+        position = global_position(local_position, self.local_batch, self.process_index, self.process_count)
+        epoch, offset = divmod(position, self.examples_per_epoch)
+        record = int(self.record_order[epoch * len(self.source) + offset])
+        rng = np.random.default_rng((self.seed, epoch, record))
+        element = self.source[record]
+        view1, view2 = two_views(element["image"], rng, self.image_size, self.crop_scale)
+        return {
+            "view1": view1,
+            "view2": view2,
+            "label": np.int32(element["label"]),
+            "index": np.int32(record),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+    """Maps a process-local position to {image, label, mask, index}; positions past the data are padding."""
+
+    source: Sequence[dict]
+    image_size: int
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    def __call__(self, local_position: int) -> dict[str, Any]:
+        record = global_position(local_position, self.local_batch, self.process_index, self.process_count)
+        if record >= len(self.source):
+            return {
+                "image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+                "label": np.int32(-1),
+                "mask": np.bool_(False),
+                "index": np.int32(-1),
+            }
+        element = self.source[record]
+        return {
+            "image": eval_transform(element["image"], self.image_size),
+            "label": np.int32(element["label"]),
+            "mask": np.bool_(True),
+            "index": np.int32(record),
+        }
+
+
+def _to_iter_dataset(dataset: grain.MapDataset, read_threads: int, worker_count: int) -> grain.IterDataset:
+    """Threads prefetch whole batches (PIL releases the GIL); optional worker processes slice by batch."""
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
+    iterable = dataset.to_iter_dataset(options)
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults.
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iterable
+
+
+# ---------------------------------------------------------------- public datasets
+
+
+def train_dataset(
+    source: Sequence[dict],
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 2,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+) -> grain.IterDataset:
+    """Shuffled two-view training batches for this process; `iter()` it for a checkpointable iterator.
+
+    Yields {"view1", "view2": uint8 [b,S,S,3], "label", "index": int32 [b]} with b = global_batch_size //
+    process_count; `index` is the record's position in `source`. num_epochs=None repeats forever.
+    """
+    local_batch = local_batch_size(global_batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, {process_count}); check the launcher")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed {seed} must lie in [0, 2**32) for grain's shuffle")
+    num_examples = len(source)
+    steps = steps_per_epoch(num_examples, global_batch_size)
+    total_steps = sys.maxsize // global_batch_size if num_epochs is None else num_epochs * steps
+    example = _TwoViewExample(
+        source=source,
+        record_order=grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(),
+        examples_per_epoch=steps * global_batch_size,
+        seed=seed,
+        image_size=image_size,
+        crop_scale=tuple(crop_scale),
+        local_batch=local_batch,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    batches = grain.MapDataset.range(total_steps * local_batch).map(example).batch(local_batch, drop_remainder=True)
+    return _to_iter_dataset(batches, read_threads, worker_count)
+
+
+def eval_batches(
+    source: Sequence[dict],
+    *,
+    batch_size: int,
+    image_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    read_threads: int = 2,
+) -> grain.IterDataset:
+    """Every example exactly once, in source order, in fixed-shape batches; iterate it once per evaluation.
+
+    `batch_size` is global; each process yields batch_size // process_count rows per batch and all
+    processes yield the same number of batches. The last global batch is padded: mask False, image zeros,
+    label and index -1. Yields {"image": uint8 [b,S,S,3], "label": int32 [b], "mask": bool [b],
+    "index": int32 [b]}.
+    """
+    local_batch = local_batch_size(batch_size, process_count)
+    num_batches = -(-len(source) // batch_size)
+    example = _EvalExample(source, image_size, local_batch, process_index, process_count)
+    batches = grain.MapDataset.range(num_batches * local_batch).map(example).batch(local_batch)
+    return _to_iter_dataset(batches, read_threads, worker_count)
+

@@ -1,0 +1,72 @@
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018; DINO's monitor).
+
+Cheap enough to run during training: no fitting, one similarity matrix per block of test queries.
+Each of the k most cosine-similar train images votes for its label with weight exp(similarity / T);
+the class with the largest summed vote wins. T sharpens the vote towards the closest neighbours.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgpair_jax.evaluation.retrieval import check_features_and_labels, cosine_similarities, l2_normalize
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_classes"))
+def _predict_block(test_features, train_features, train_labels, temperature, *, k, num_classes):
+    """Predicted class per test row. Ties: top_k keeps the lower train index; argmax the lower class."""
+    similarities = cosine_similarities(test_features, train_features)
+    top_similarities, top_indices = jax.lax.top_k(similarities, k)
+    weights = jnp.exp(top_similarities / temperature)
+    votes = jnp.einsum("bk,bkc->bc", weights, jax.nn.one_hot(train_labels[top_indices], num_classes))
+    return jnp.argmax(votes, axis=1)
+
+
+def knn_top1(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    block_size: int = 1024,
+) -> float:
+    """Top-1 accuracy (percent) of the exp(cos/T)-weighted k-NN vote of the train split on the test split.
+
+    Features need not be normalised (rows are L2-normalised here). `num_classes` defaults to
+    1 + the largest label of either split; it only sizes the vote table. `block_size` bounds memory
+    (about 4 * block_size * N_train bytes) and does not change the result.
+    """
+    train_features, train_labels = check_features_and_labels(train_features, train_labels, "kNN train")
+    test_features, test_labels = check_features_and_labels(test_features, test_labels, "kNN test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"kNN train and test features differ in width ({train_features.shape[1]} vs "
+            f"{test_features.shape[1]}); extract both with the same encoder."
+        )
+    if not 1 <= k <= train_features.shape[0]:
+        raise ValueError(f"kNN k={k} must be in [1, number of train images={train_features.shape[0]}].")
+    if temperature <= 0:
+        raise ValueError(f"kNN temperature must be > 0; got {temperature}.")
+    largest_label = int(max(train_labels.max(), test_labels.max()))
+    num_classes = largest_label + 1 if num_classes is None else num_classes
+    if num_classes <= largest_label:
+        raise ValueError(f"kNN num_classes={num_classes} but a label is {largest_label}; pass more.")
+
+    train_features, test_features = l2_normalize(train_features), l2_normalize(test_features)
+    num_test = test_features.shape[0]
+    block_size = min(block_size, num_test)
+    train_features, train_labels = jnp.asarray(train_features), jnp.asarray(train_labels)
+    correct = 0
+    for start in range(0, num_test, block_size):
+        stop = min(start + block_size, num_test)
+        block = np.zeros((block_size, test_features.shape[1]), np.float32)
+        block[: stop - start] = test_features[start:stop]
+        predictions = _predict_block(
+            block, train_features, train_labels, jnp.float32(temperature), k=k, num_classes=num_classes
+        )
+        correct += int(np.sum(np.asarray(predictions)[: stop - start] == test_labels[start:stop]))
+    return 100.0 * correct / num_test
