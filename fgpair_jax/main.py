@@ -7,6 +7,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fgpair_jax import train
+from fgpair_jax.metrics_writer import announce
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cub.py:quick.",
                                           lock_config=True)
@@ -16,8 +17,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/cub_quick", "Run directory: 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}: use --config.key=value for overrides.")
-    logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
-                 jax.default_backend(), jax.process_index(), jax.process_count())
+    if not flags.FLAGS["verbosity"].present:
+        # orbax and grain log every save and read at INFO; our own progress goes to the console.
+        logging.set_verbosity(logging.WARNING)
+    announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
+             f"process {jax.process_index()} of {jax.process_count()}; workdir {_WORKDIR.value}")
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -11,6 +11,13 @@ import numpy as np
 from absl import logging
 
 
+def announce(message: str) -> None:
+    """A line for the person running the job: printed by process 0, logged by every process."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 class MetricsWriter:
     """Appends `{"step": s, **scalars}` lines to `<workdir>/metrics.jsonl` and scalars to TensorBoard."""
 

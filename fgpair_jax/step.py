@@ -51,7 +51,7 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
         rng=jax.random.key_data(rng),
         extras=aux.get("extras", state.extras),
     )
-    metrics = dict(aux["metrics"], grad_norm=optax.global_norm(grads))
+    metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads))
     return next_state, metrics
 
 

@@ -5,19 +5,19 @@ config), otherwise start fresh; then for each step feed the host batch onto the 
 step, log, and checkpoint (every `checkpoint_every_steps`, every epoch end, on preemption, at the end).
 Evaluation writes `<workdir>/eval/metrics.json` and `features.npz` (see `evaluate.py`).
 """
-import json
 import os
 import time
 
 import jax
 import numpy as np
-from absl import logging
 
 from fgpair_jax import checkpointing, evaluate, optim, parallel
 from fgpair_jax import state as state_lib
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
-from fgpair_jax.metrics_writer import MetricsWriter, Progress
+from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
+
+HEADLINE_METRICS = ("linear_top1", "retrieval_rank1", "retrieval_rank5", "retrieval_map", "knn_top1")
 
 
 def save_config(config, workdir: str) -> None:
@@ -93,7 +93,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer = checkpointer_for(config, workdir, state)
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
-        logging.info("Resumed from step %d in %s.", int(state.step), checkpointer.directory)
+        announce(f"Resumed from step {int(state.step)} in {checkpointer.directory}.")
     save_config(config, workdir)
 
     total_steps = config.num_epochs * steps_per_epoch
@@ -103,8 +103,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = Progress(total_steps, start_step, config.global_batch_size)
     feature_fn = evaluate.make_feature_fn(config, mesh)
     batches = _host_batches(config, sources["train"], start_step)
-    logging.info("Training %s/%s: %d steps/epoch, %d steps, %d devices, queue %d.", config.method,
-                 config.model.name, steps_per_epoch, total_steps, mesh.devices.size, state.queue.shape[0])
+    announce(f"Training {config.method} / {config.model.name} at {config.data.image_size} px: "
+             f"{info.split_sizes['train']} train images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+             f"global batch {config.global_batch_size} on {mesh.devices.size} device(s), queue {state.queue.shape[0]}.")
 
     start_time, epoch_metrics = time.perf_counter(), []
     for step in range(start_step + 1, total_steps + 1):
@@ -131,7 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if checkpointer.reached_preemption(step):
             checkpointer.save(step, state, force=True)
             checkpointer.close()
-            logging.warning("Preempted at step %d: checkpoint saved; rerun the same command to resume.", step)
+            announce(f"Preempted at step {step}: checkpoint saved; rerun the same command to resume.")
             return {}
     progress.close()
     checkpointer.save(total_steps, state, force=True)
@@ -140,5 +141,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
     writer.write_scalars(total_steps, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
     writer.close()
-    logging.info("Evaluation: %s", json.dumps(metrics, sort_keys=True))
+    announce("Evaluation (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in HEADLINE_METRICS))
+    announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
     return metrics

@@ -55,7 +55,7 @@ class GroupedBatchNorm(nn.Module):
         if batch % self.num_groups:
             raise ValueError(
                 f"GroupedBatchNorm: batch size {batch} is not divisible by num_groups={self.num_groups}; "
-                "set config.bn_groups to a divisor of the per-step batch size."
+                "set config.model.bn_groups to a divisor of the per-step batch size."
             )
         grouped = x.astype(jnp.float32).reshape((self.num_groups, batch // self.num_groups) + x.shape[1:])
         reduce_axes = tuple(range(1, grouped.ndim - 1))

@@ -1,0 +1,84 @@
+"""The command line on a tiny CUB-layout folder: train + evaluate, re-evaluate, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+TINY_OVERRIDES = [
+    "--config.model.name=resnet_tiny", "--config.model.bn_groups=2", "--config.data.image_size=32",
+    "--config.global_batch_size=8", "--config.moco.queue_size=8", "--config.num_epochs=2",
+    "--config.eval.batch_size=8", "--config.eval.knn_k=3", "--config.eval.knn_every_epochs=1",
+    "--config.log_every_steps=1",
+]
+
+
+def run_cli(*args, module="fgpair_jax.main", timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def last_error_line(result) -> str:
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
+    workdir = str(tmp_path / "run")
+    result = run_cli("--config=configs/cub.py:quick", f"--workdir={workdir}",
+                     f"--config.data.manual_dir={tiny_cub}", *TINY_OVERRIDES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 2/2" in result.stdout + result.stderr
+
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in ("linear_top1", "retrieval_rank1", "retrieval_rank5", "retrieval_map", "knn_top1"):
+        assert 0.0 <= metrics[key] <= 100.0, (key, metrics)
+    features = np.load(os.path.join(workdir, "eval", "features.npz"))
+    assert features["train_features"].shape == (18, 64) and features["test_features"].shape == (9, 64)
+    np.testing.assert_array_equal(np.bincount(features["train_labels"]), [6, 6, 6])
+    assert np.isfinite(features["train_features"]).all()
+
+    log = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]
+    assert any("knn_top1" in entry for entry in log)
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+    # Re-evaluation of the latest checkpoint reproduces the training run's own evaluation.
+    os.remove(os.path.join(workdir, "eval", "metrics.json"))
+    again = run_cli(f"--workdir={workdir}", module="fgpair_jax.evaluate")
+    assert again.returncode == 0, again.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        reevaluated = json.load(f)
+    for key in ("linear_top1", "retrieval_rank1", "retrieval_map", "knn_top1"):
+        assert reevaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+    # Running the same command again resumes at the end: no training, same checkpoint, same result.
+    rerun = run_cli("--config=configs/cub.py:quick", f"--workdir={workdir}",
+                    f"--config.data.manual_dir={tiny_cub}", *TINY_OVERRIDES)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Resumed from step 4" in rerun.stdout
+
+
+def test_missing_data_folder_is_one_clear_error(tmp_path):
+    result = run_cli("--config=configs/cub.py:quick", f"--workdir={tmp_path / 'run'}",
+                     f"--config.data.manual_dir={tmp_path / 'nowhere'}")
+    assert result.returncode != 0
+    assert "config.data.manual_dir" in last_error_line(result), result.stderr[-2000:]
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    result = run_cli("--config=configs/cub.py:quick", f"--workdir={tmp_path / 'run'}", "--config.no_such_key=1")
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr
+
+
+def test_wrongly_typed_config_value_is_an_error(tmp_path):
+    result = run_cli("--config=configs/cub.py:quick", f"--workdir={tmp_path / 'run'}", "--config.num_epochs=many")
+    assert result.returncode != 0
+    assert "num_epochs" in result.stderr
