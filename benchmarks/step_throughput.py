@@ -41,7 +41,7 @@ def time_method(config, steps: int) -> dict:
         config.moco.queue_size = queue_size
     state = jax.device_put(state_lib.create_train_state(config, jax.random.key(0), tx, queue_size),
                            parallel.replicated(mesh))
-    train_step = step_lib.make_train_step(config, tx, mesh)
+    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch)
     batches = [parallel.global_batch(synthetic_batch(config, i), mesh) for i in range(2)]
     start = time.perf_counter()
     state, metrics = train_step(state, batches[0])

@@ -22,7 +22,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/cub.py takes '' or 'quick', not {arg!r}.")
 
     c = ml_collections.ConfigDict()
-    c.method = "moco"  # SSL method: moco (fgpair and lcr follow in the method's issue)
+    c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr
     c.seed = 0  # one seed drives init, data order, augmentation
     c.num_epochs = 100  # paper: 100 epochs
     c.global_batch_size = 128  # paper: 128, summed over all devices and hosts
@@ -62,6 +62,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.moco.shuffle_bn = True  # permute the key batch across BN groups (MoCo's shuffle-BN)
     c.moco.symmetric = False  # symmetrised loss (MoCo v3 style); MoCo v2 is asymmetric
 
+    c.fgpair = ml_collections.ConfigDict()  # the paper's method; every value here is our reading
+    c.fgpair.alpha = 1.0  # weight of L_R, the decoder's reconstruction loss
+    c.fgpair.nu = 1.0  # weight of L_Cp, the contrastive loss on synthesized pairs
+    c.fgpair.criterion = "both"  # non-discriminative dims by: both | variance | gradcam | random | none
+    c.fgpair.combine = "union"  # how the two criteria combine: union | intersection
+    c.fgpair.variance_fraction = 0.25  # share of dims with the lowest batch variance
+    c.fgpair.gradcam_fraction = 0.25  # share of dims with the lowest Grad-CAM importance
+    c.fgpair.gradcam_score = "weight"  # importance: weight (mean -dL/dA) | abs_weight | lcr (A * -dL/dA)
+    c.fgpair.relative_variance = False  # rank by var/mean^2 instead of raw variance
+    c.fgpair.variance_ema_decay = 0.0  # > 0: rank by an EMA of the variance across steps
+    c.fgpair.perturbation = "gaussian"  # gaussian (sigma * per-dim std) | shuffle (from other images)
+    c.fgpair.sigma = 1.0  # gaussian perturbation scale, in units of each dim's batch std
+    c.fgpair.warmup_epochs = 10  # decoder-only warm-up before L_Cp starts
+    c.fgpair.ramp_epochs = 10  # then nu ramps linearly from 0 over this many epochs
+    c.fgpair.reconstruction_trains_encoder = False  # let L_R's gradient reach the encoder
+    c.fgpair.decoder_channels = (256, 128, 64, 32, 16)  # widths after each x2 upsampling block
+
+    c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023)
+    c.lcr.weight = 0.01  # weight of KL(Grad-CAM map || attention)
+    c.lcr.detach_features = False  # True: the attention branch does not train the encoder
+
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # SGD + momentum (paper)
     c.optim.learning_rate = 0.03  # peak learning rate (paper: 0.03 at batch 128)
@@ -89,6 +110,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.name = "resnet18"
         c.model.bn_groups = 2
         c.moco.momentum = 0.99  # few steps: a faster key encoder
+        c.fgpair.warmup_epochs = 1  # decoder warm-up, then L_Cp ramps in over one epoch
+        c.fgpair.ramp_epochs = 1
         c.eval.batch_size = 128
         c.eval.knn_every_epochs = 0
         c.checkpoint_every_steps = 100

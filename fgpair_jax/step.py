@@ -24,14 +24,16 @@ def augment_views(rng: jax.Array, batch: dict, config):
             augment.mocov2_photometric(rng2, batch["view2"], **options))
 
 
-def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTransformation):
+def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTransformation,
+               steps_per_epoch: int):
     """state, batch{'view1','view2' uint8} -> (next state, metrics dict of scalars)."""
     method = get_method(config.method)
     rng = jax.random.wrap_key_data(state.rng)
     rng, augment_rng, loss_rng = jax.random.split(rng, 3)
     view1, view2 = augment_views(augment_rng, batch, config)
 
-    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    epoch = state.step.astype(jnp.float32) / steps_per_epoch
+    grad_fn = jax.value_and_grad(functools.partial(method.loss, epoch=epoch), has_aux=True)
     (_, aux), grads = grad_fn(state.params, state, view1, view2, loss_rng, config)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -55,11 +57,11 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
     return next_state, metrics
 
 
-def make_train_step(config, tx, mesh):
+def make_train_step(config, tx, mesh, steps_per_epoch: int):
     """The jitted step: state replicated in and out (donated), batch sharded over `data`."""
     replicated = parallel.replicated(mesh)
     return jax.jit(
-        functools.partial(train_step, config=config, tx=tx),
+        functools.partial(train_step, config=config, tx=tx, steps_per_epoch=steps_per_epoch),
         in_shardings=(replicated, parallel.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import checkpointing, evaluate, optim, parallel
+from fgpair_jax import checkpointing, evaluate, optim, parallel, viz
 from fgpair_jax import state as state_lib
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
@@ -75,6 +75,12 @@ def _host_batches(config, source, start_step: int):
     return iterator
 
 
+def _mean_metrics(history: list) -> dict:
+    """Mean of each scalar metric over a list of per-step metric dicts (one device transfer)."""
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *history))
+    return {name: float(np.mean(values)) for name, values in stacked.items()}
+
+
 def _epoch_summary(epoch, num_epochs, step, means, rate, elapsed, knn=None) -> str:
     parts = [f"epoch {epoch}/{num_epochs}", f"step {step}"]
     parts += [f"{name} {value:.4f}" for name, value in sorted(means.items())]
@@ -98,7 +104,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     total_steps = config.num_epochs * steps_per_epoch
     start_step = int(jax.device_get(state.step))
-    train_step = step_lib.make_train_step(config, tx, mesh)
+    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch)
     writer = MetricsWriter(workdir)
     progress = Progress(total_steps, start_step, config.global_batch_size)
     feature_fn = evaluate.make_feature_fn(config, mesh)
@@ -108,6 +114,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              f"global batch {config.global_batch_size} on {mesh.devices.size} device(s), queue {state.queue.shape[0]}.")
 
     start_time, epoch_metrics = time.perf_counter(), []
+    epoch_start_time, epoch_start_step = start_time, start_step
     for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
         epoch_metrics.append(metrics)
@@ -116,17 +123,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
             rate = progress.update(step, float(scalars["loss"]))
             writer.write_scalars(step, dict(scalars, images_per_second=rate))
         if step % steps_per_epoch == 0:
-            epoch = step // steps_per_epoch
-            means = {k: float(np.mean(v)) for k, v in jax.device_get(
-                jax.tree.map(lambda *xs: np.stack(xs), *epoch_metrics)).items()}
-            epoch_metrics = []
+            epoch, now = step // steps_per_epoch, time.perf_counter()
+            rate = (step - epoch_start_step) * config.global_batch_size / (now - epoch_start_time)
+            means = _mean_metrics(epoch_metrics)
             knn = None
             if config.eval.knn_every_epochs and epoch % config.eval.knn_every_epochs == 0:
                 knn = evaluate.knn_monitor(feature_fn, state, sources, config, mesh, info.num_classes)
                 writer.write_scalars(step, {"knn_top1": knn})
-            rate = progress.update(step)
-            progress.write(_epoch_summary(epoch, config.num_epochs, step, means, rate,
-                                          time.perf_counter() - start_time, knn))
+            progress.write(_epoch_summary(epoch, config.num_epochs, step, means, rate, now - start_time, knn))
+            epoch_metrics, epoch_start_time, epoch_start_step = [], time.perf_counter(), step
         if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
             checkpointer.save(step, state)
         if checkpointer.reached_preemption(step):
@@ -141,6 +146,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
     writer.write_scalars(total_steps, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
     writer.close()
+    figures = viz.write_figures(config, workdir, state, sources["test"])
+    if figures:
+        announce(f"Figures: {', '.join(figures)}")
     announce("Evaluation (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in HEADLINE_METRICS))
     announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
     return metrics

@@ -12,7 +12,7 @@ SHARED_CUB = cub.DEFAULT_CUB_DIR
 
 
 def tiny_config(**overrides):
-    """The quick config shrunk to seconds: 8-channel ResNet, 32 px, batch 8, queue 16."""
+    """The quick config shrunk to seconds: 8-channel ResNet, 32 px, batch 8, queue 16, small decoder."""
     config = cub.get_config("quick")
     config.model.name = "resnet_tiny"
     config.model.bn_groups = 2
@@ -24,6 +24,7 @@ def tiny_config(**overrides):
     config.num_epochs = 1
     config.eval.batch_size = 16
     config.log_every_steps = 1
+    config.fgpair.decoder_channels = (16, 8)
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

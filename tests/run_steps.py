@@ -30,7 +30,7 @@ def run(num_steps: int, method: str = "moco"):
     tx = optim.make_optimizer(config, steps_per_epoch=10)
     state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
     state = jax.device_put(state, parallel.replicated(mesh))
-    train_step = step_lib.make_train_step(config, tx, mesh)
+    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=10)
     history = []
     for step in range(num_steps):
         state, metrics = train_step(state, parallel.global_batch(fixed_batch(config, step), mesh))

@@ -22,9 +22,10 @@ def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = 
     return dict(np.load(out))
 
 
-def test_one_step_on_two_devices_equals_one_device(tmp_path):
-    one = run_in_subprocess(tmp_path, 1, 1)
-    two = run_in_subprocess(tmp_path, 2, 1)
+@pytest.mark.parametrize("method", ["moco", "fgpair"])
+def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
+    one = run_in_subprocess(tmp_path, 1, 1, method)
+    two = run_in_subprocess(tmp_path, 2, 1, method)
     assert int(one.pop("devices")) == 1 and int(two.pop("devices")) == 2
     assert set(one) == set(two)
     for name in one:
@@ -52,10 +53,10 @@ def batch_of(config, images, index):
 @pytest.fixture(scope="module")
 def compiled():
     """One tiny config, optimiser and compiled step shared by the tests (compiling dominates their time)."""
-    config = tiny_config(**{"optim.learning_rate": 0.1})
+    config = tiny_config(method="fgpair", **{"optim.learning_rate": 0.1, "fgpair.warmup_epochs": 0})
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config, steps_per_epoch=1000)  # near-constant learning rate over a test
-    return config, mesh, tx, step_lib.make_train_step(config, tx, mesh)
+    return config, mesh, tx, step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
 
 
 def leaves(state):
@@ -95,7 +96,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, com
     before = sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs)
     sizes = [os.path.getsize(p) for p in before]
 
-    other = tiny_config(**{"moco.dim": 32})
+    other = tiny_config(method="fgpair", **{"moco.dim": 32})
     other_state = fresh_state(other, mesh, optim.make_optimizer(other, steps_per_epoch=10))
     guard = checkpointing.Checkpointer(directory, 2, checkpointing.fingerprint(other, other_state))
     with pytest.raises(ValueError, match=r"Cannot resume .*shape .*new --workdir"):
@@ -111,10 +112,10 @@ def test_ssl_loss_falls_on_tiny_data(compiled):
     Colour augmentation is softened (the images differ only by their colour grids; full MoCo jitter
     needs far more than 60 steps of an 8-channel net to see through), blur and brightness stay on.
     """
-    config = tiny_config(**{"optim.learning_rate": 0.1, "augment.saturation": 0.0, "augment.hue": 0.0,
+    config = tiny_config(method="moco", **{"optim.learning_rate": 0.1, "augment.saturation": 0.0, "augment.hue": 0.0,
                             "augment.grayscale_prob": 0.0, "augment.brightness": 0.2, "augment.contrast": 0.2})
     _, mesh, tx, _ = compiled
-    train_step = step_lib.make_train_step(config, tx, mesh)
+    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
     images = patterned_images(1, 48, config.data.image_size)
     state = fresh_state(config, mesh, tx)
     losses = []

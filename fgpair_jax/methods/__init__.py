@@ -2,16 +2,18 @@
 
 A method is a module exposing three pure functions:
   init_variables(rng, config) -> {'params': {...}, 'batch_stats': {...}}
-  loss(params, state, view1, view2, rng, config) -> (scalar loss, aux) where aux holds 'keys' (to
-      enqueue), 'batch_stats', 'ema_batch_stats' and 'metrics' (dict of scalars)
+  loss(params, state, view1, view2, rng, config, *, epoch) -> (scalar loss, aux) where aux holds
+      'keys' (to enqueue), 'batch_stats', 'ema_batch_stats', 'metrics' (dict of scalars) and
+      optionally 'extras' (the method's non-trained state); `epoch` is the fractional progress
   eval_features(params, batch_stats, images, config) -> [B, D] features of the frozen encoder
-and a tuple MOMENTUM_SUBTREES naming the params subtrees that have a momentum copy (key encoder).
+a tuple MOMENTUM_SUBTREES naming the params subtrees that have a momentum copy (key encoder), and
+optionally init_extras(config) -> pytree of method state that is not trained.
 """
 import types
 
-from fgpair_jax.methods import moco
+from fgpair_jax.methods import fgpair, lcr, moco
 
-METHODS = {"moco": moco}
+METHODS = {"moco": moco, "lcr": lcr, "fgpair": fgpair}
 
 
 def get_method(name: str) -> types.ModuleType:

@@ -76,6 +76,18 @@ def momentum_keys(state, images, rng, config):
     return jax.lax.stop_gradient(keys), new_stats
 
 
+def contrastive_loss_of_feature_map(params, keys, queue, config):
+    """L_C as a function of the query's last feature map alone, weights frozen: what Grad-CAM
+    differentiates (`gradcam.loss_gradient_wrt_feature_map`). Mirrors `encode`'s spatial mean pooling."""
+    frozen = jax.lax.stop_gradient(params)
+
+    def loss_of_feature_map(feature_map):
+        pooled = jnp.mean(feature_map, axis=(1, 2))
+        return contrastive.info_nce(project(frozen, pooled, config), keys, queue, config.moco.temperature)[0]
+
+    return loss_of_feature_map
+
+
 def contrastive_loss(params, state, view1, view2, rng, config):
     """L_C: MoCo v2 InfoNCE, optionally symmetrised. Returns (loss, aux) with the pieces other methods need.
 
@@ -103,8 +115,9 @@ def contrastive_loss(params, state, view1, view2, rng, config):
     return loss, aux
 
 
-def loss(params, state, view1, view2, rng, config):
-    """MoCo v2's objective is L_C alone."""
+def loss(params, state, view1, view2, rng, config, *, epoch):
+    """MoCo v2's objective is L_C alone (`epoch`, the fractional training progress, is unused)."""
+    del epoch
     total, aux = contrastive_loss(params, state, view1, view2, rng, config)
     aux["metrics"]["loss"] = total
     return total, aux

@@ -1,0 +1,50 @@
+"""Grad-CAM induced from the self-supervised loss, with `jax.grad` on the encoder's last feature map.
+
+The SSL loss depends on the feature map A only through the pooled vector and the projection head, so
+its gradient G = dL_C/dA comes from differentiating that short tail alone — no second backward pass
+through the encoder. Grad-CAM's weights are computed from -G (lower loss is better, so the sign is
+flipped relative to Grad-CAM on a class score).
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+IMPORTANCE_SCORES = ("weight", "abs_weight", "lcr")
+
+
+def loss_gradient_wrt_feature_map(loss_of_feature_map: Callable[[jax.Array], jax.Array],
+                                  feature_map: jax.Array) -> jax.Array:
+    """G = dL/dA at A = feature_map; A is a constant here (the result is used as a signal, not trained)."""
+    return jax.grad(loss_of_feature_map)(jax.lax.stop_gradient(feature_map))
+
+
+def channel_importance(feature_map: jax.Array, gradient: jax.Array, score: str = "weight") -> jax.Array:
+    """Per-dimension importance [D] of the feature map for the SSL objective, averaged over the batch.
+
+    score:
+      'weight'     w_d = mean_{b,h,w}(-G_d): Grad-CAM's channel weight (the default).
+      'abs_weight' |w_d|: importance regardless of direction.
+      'lcr'        mean_{b,h,w}(A_d * -G_d): gradient x activation, as LCR's rationale maps weight channels.
+    """
+    if score == "weight":
+        return jnp.mean(-gradient, axis=(0, 1, 2))
+    if score == "abs_weight":
+        return jnp.abs(jnp.mean(-gradient, axis=(0, 1, 2)))
+    if score == "lcr":
+        return jnp.mean(feature_map * -gradient, axis=(0, 1, 2))
+    raise ValueError(f"Unknown Grad-CAM score {score!r}; config.fgpair.gradcam_score is one of {IMPORTANCE_SCORES}.")
+
+
+def gradcam_maps(feature_map: jax.Array, gradient: jax.Array) -> jax.Array:
+    """Per-image Grad-CAM [B, h, w]: relu(sum_d w_bd A_bhwd), w_bd = mean_hw(-G_bhwd)."""
+    weights = jnp.mean(-gradient, axis=(1, 2), keepdims=True)
+    return jax.nn.relu(jnp.sum(weights * feature_map, axis=-1))
+
+
+def normalize_map(cam: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """A [B, h, w] map as a spatial distribution (sums to 1); an all-zero map becomes uniform."""
+    flat = cam.reshape(cam.shape[0], -1)
+    total = jnp.sum(flat, axis=1, keepdims=True)
+    uniform = jnp.full_like(flat, 1.0 / flat.shape[1])
+    return jnp.where(total > eps, flat / jnp.maximum(total, eps), uniform).reshape(cam.shape)

@@ -1,0 +1,145 @@
+"""fgpair (Wang et al., ECCV 2024): learn to ignore non-discriminative feature dimensions from
+synthesized pairs. L = L_C + alpha * L_R + nu * L_Cp.
+
+One step, as this project reads the paper (DESIGN.md §1; every choice is a `config.fgpair` knob):
+1. L_C: MoCo v2 on the two augmented views (`moco.contrastive_loss`); h = pooled query features.
+2. Grad-CAM from L_C on the last feature map (`gradcam.py`) -> per-dimension importance w.
+3. Per-dimension variance v of h over the global batch (optionally an EMA across steps).
+4. Non-discriminative mask m: lowest fractions by v and by w, combined (union by default).
+5. h' = h perturbed on m only (`synthesis.perturb`).
+6. Decoder d: L_R = mean |d(sg(h)) - x1|^2 — the decoder learns only from L_R.
+7. x_a = sg(d(h)), x_b = sg(d(h')); L_Cp = InfoNCE(g(f(x_a)), g_ema(f_ema(x_b)), queue): the encoder
+   learns that images differing only in non-discriminative dimensions are the same image.
+   L_Cp starts after `warmup_epochs` (the decoder first learns to render) and ramps in linearly.
+Batch-norm running statistics are updated only by real images: the synthesized batches are normalised
+with their own batch statistics, but their statistic updates are discarded.
+"""
+import jax
+import jax.numpy as jnp
+
+from fgpair_jax import contrastive, gradcam, synthesis
+from fgpair_jax.methods import moco
+from fgpair_jax.models import feature_dim
+from fgpair_jax.models.decoder import Decoder
+
+MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
+eval_features = moco.eval_features
+
+
+def decoder(config) -> Decoder:
+    return Decoder(image_size=config.data.image_size, channels=tuple(config.fgpair.decoder_channels))
+
+
+def init_variables(rng: jax.Array, config) -> dict:
+    """MoCo's encoder + head, plus the decoder's parameters under params['decoder']."""
+    moco_rng, decoder_rng = jax.random.split(rng)
+    variables = moco.init_variables(moco_rng, config)
+    decoder_params = decoder(config).init(decoder_rng, jnp.zeros((1, feature_dim(config.model))))["params"]
+    variables["params"]["decoder"] = decoder_params
+    return variables
+
+
+def init_extras(config) -> dict:
+    """Method state outside the optimiser: the EMA of per-dimension feature variance."""
+    return {"feature_variance": jnp.zeros((feature_dim(config.model),), jnp.float32),
+            "variance_initialized": jnp.zeros((), jnp.bool_)}
+
+
+def pair_weight(config, epoch: jax.Array) -> jax.Array:
+    """nu_t: 0 during the decoder warm-up, then a linear ramp over `ramp_epochs` up to `nu`."""
+    c = config.fgpair
+    if c.ramp_epochs > 0:
+        ramp = jnp.clip((epoch - c.warmup_epochs) / c.ramp_epochs, 0.0, 1.0)
+    else:
+        ramp = jnp.where(jnp.asarray(epoch) >= c.warmup_epochs, 1.0, 0.0)
+    return c.nu * ramp
+
+
+def gradcam_importance(params, query, keys, queue, config) -> jax.Array:
+    """Per-dimension importance [D] of the query feature map for L_C, by Grad-CAM (`gradcam.py`)."""
+    loss_of_map = moco.contrastive_loss_of_feature_map(params, keys, queue, config)
+    gradient = gradcam.loss_gradient_wrt_feature_map(loss_of_map, query.feature_map)
+    return gradcam.channel_importance(query.feature_map, gradient, config.fgpair.gradcam_score)
+
+
+def nondiscriminative_mask(rng, importance, variance, config) -> jax.Array:
+    """The {0,1} mask [D] of dimensions to perturb, by `config.fgpair.criterion`.
+
+    'both' (default): lowest `variance_fraction` by variance, combined (`combine`) with lowest
+    `gradcam_fraction` by importance. 'variance' / 'gradcam': one criterion. 'random': as many random
+    dimensions as 'both' would pick (the ablation). 'none': no dimension (pairs differ only by BN groups).
+    """
+    c = config.fgpair
+    by_variance = synthesis.lowest_fraction_mask(variance, c.variance_fraction)
+    by_gradcam = synthesis.lowest_fraction_mask(importance, c.gradcam_fraction)
+    if c.criterion == "variance":
+        return by_variance
+    if c.criterion == "gradcam":
+        return by_gradcam
+    both = synthesis.combine_masks(by_variance, by_gradcam, c.combine)
+    if c.criterion == "both":
+        return both
+    if c.criterion == "random":
+        return synthesis.random_mask(rng, jnp.sum(both), both.shape[0])
+    if c.criterion == "none":
+        return jnp.zeros_like(both)
+    raise ValueError(f"config.fgpair.criterion={c.criterion!r}: use one of {synthesis.CRITERIA}.")
+
+
+def synthesize_pair(params, pooled, mask, rng, config):
+    """(d(h) with decoder gradient, sg(d(h')))  — the reconstruction and the perturbed rendering."""
+    h = pooled if config.fgpair.reconstruction_trains_encoder else jax.lax.stop_gradient(pooled)
+    perturbed = synthesis.perturb(rng, jax.lax.stop_gradient(pooled), mask, config.fgpair.perturbation,
+                                  config.fgpair.sigma)
+    render = decoder(config).apply
+    reconstruction = render({"params": params["decoder"]}, h)
+    rendered_perturbed = render({"params": jax.lax.stop_gradient(params["decoder"])}, perturbed)
+    return reconstruction, jax.lax.stop_gradient(rendered_perturbed)
+
+
+def synthesized_pair_loss(params, state, image_a, image_b, rng, config):
+    """L_Cp: InfoNCE between the online encoder on x_a and the momentum encoder on x_b (stats discarded)."""
+    query, _ = moco.embed(params, state.batch_stats, image_a, config)
+    keys, _ = moco.momentum_keys(state, image_b, rng, config)
+    loss, accuracy = contrastive.info_nce(query.projection, keys, state.queue, config.moco.temperature)
+    return loss, accuracy
+
+
+def loss(params, state, view1, view2, rng, config, *, epoch):
+    """L = L_C + alpha * L_R + nu_t * L_Cp; aux as `moco.contrastive_loss` plus fgpair metrics and extras."""
+    contrastive_rng, mask_rng, perturb_rng, pair_rng = jax.random.split(rng, 4)
+    loss_c, aux = moco.contrastive_loss(params, state, view1, view2, contrastive_rng, config)
+    query = aux["query"]
+
+    extras = state.extras
+    batch_variance = synthesis.feature_variance(jax.lax.stop_gradient(query.pooled),
+                                                relative=config.fgpair.relative_variance)
+    variance_ema, initialized = synthesis.update_variance_ema(
+        extras["feature_variance"], batch_variance, config.fgpair.variance_ema_decay,
+        extras["variance_initialized"])
+    variance = variance_ema if config.fgpair.variance_ema_decay > 0 else batch_variance
+    importance = gradcam_importance(params, query, aux["keys"], state.queue, config)
+    mask = nondiscriminative_mask(mask_rng, importance, variance, config)
+
+    reconstruction, rendered_perturbed = synthesize_pair(params, query.pooled, mask, perturb_rng, config)
+    loss_r = jnp.mean(jnp.square(reconstruction - jax.lax.stop_gradient(view1)))
+    image_a = jax.lax.stop_gradient(reconstruction)
+
+    nu_t = pair_weight(config, epoch)
+    loss_cp, pair_accuracy = jax.lax.cond(
+        nu_t > 0,
+        lambda p: synthesized_pair_loss(p, state, image_a, rendered_perturbed, pair_rng, config),
+        lambda p: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        params,
+    )
+    total = loss_c + config.fgpair.alpha * loss_r + nu_t * loss_cp
+    aux["extras"] = {"feature_variance": variance_ema, "variance_initialized": initialized}
+    aux["metrics"].update({
+        "loss": total,
+        "loss_reconstruction": loss_r,
+        "loss_pair": loss_cp,
+        "pair_accuracy": pair_accuracy,
+        "pair_weight": nu_t,
+        "mask_fraction": jnp.mean(mask),
+    })
+    return total, aux

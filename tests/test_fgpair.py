@@ -1,0 +1,147 @@
+"""The fgpair and LCR methods: where gradients flow, what reproduces MoCo, what L_R learns."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED_CUB, requires_shared_cub, tiny_config
+from fgpair_jax import optim, parallel, state as state_lib, step as step_lib
+from fgpair_jax.data import augment
+from fgpair_jax.methods import fgpair, lcr, moco
+from fgpair_jax.models.decoder import Decoder, decoder_geometry
+
+
+def make_state(config):
+    tx = optim.make_optimizer(config, steps_per_epoch=1000)
+    return state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size), tx
+
+
+def views(config, seed=0):
+    shape = (config.global_batch_size, config.data.image_size, config.data.image_size, 3)
+    rng = np.random.default_rng(seed)
+    return tuple(augment.normalize(jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))) for _ in range(2))
+
+
+def gradients(config, epoch=5.0):
+    state, _ = make_state(config)
+    view1, view2 = views(config)
+    loss_fn = lambda p: fgpair.loss(p, state, view1, view2, jax.random.key(1), config, epoch=epoch)  # noqa: E731
+    (_, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+    return grads, aux
+
+
+def norm(tree):
+    return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_decoder_learns_only_from_reconstruction_and_encoder_from_pairs():
+    base = tiny_config(method="fgpair", **{"fgpair.warmup_epochs": 0, "fgpair.ramp_epochs": 0})
+    grads_no_recon, aux = gradients(tiny_config(method="fgpair", **{
+        "fgpair.warmup_epochs": 0, "fgpair.ramp_epochs": 0, "fgpair.alpha": 0.0}))
+    assert float(aux["metrics"]["loss_pair"]) > 0 and float(aux["metrics"]["pair_weight"]) == 1.0
+    assert norm(grads_no_recon["decoder"]) == 0.0  # L_Cp and L_C give the decoder nothing
+    grads_full, _ = gradients(base)
+    assert norm(grads_full["decoder"]) > 0.0  # L_R does
+    grads_no_pair, _ = gradients(tiny_config(method="fgpair", **{
+        "fgpair.warmup_epochs": 0, "fgpair.ramp_epochs": 0, "fgpair.nu": 0.0}))
+    difference = jax.tree.map(lambda a, b: a - b, grads_full["encoder"], grads_no_pair["encoder"])
+    assert norm(difference) > 1e-8 * norm(grads_full["encoder"])  # L_Cp reaches the encoder
+
+
+def test_reconstruction_does_not_train_the_encoder_by_default():
+    grads_default, _ = gradients(tiny_config(method="fgpair", **{"fgpair.nu": 0.0}))
+    grads_no_recon, _ = gradients(tiny_config(method="fgpair", **{"fgpair.nu": 0.0, "fgpair.alpha": 0.0}))
+    for a, b in zip(jax.tree.leaves(grads_default["encoder"]), jax.tree.leaves(grads_no_recon["encoder"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pair_loss_waits_for_the_decoder_warmup_then_ramps():
+    config = tiny_config(method="fgpair", **{"fgpair.warmup_epochs": 2, "fgpair.ramp_epochs": 4, "fgpair.nu": 0.5})
+    weights = [float(fgpair.pair_weight(config, jnp.float32(e))) for e in (0.0, 1.9, 2.0, 4.0, 6.0, 9.0)]
+    np.testing.assert_allclose(weights, [0, 0, 0, 0.25, 0.5, 0.5], atol=1e-7)
+    _, aux = gradients(config, epoch=1.0)
+    assert float(aux["metrics"]["loss_pair"]) == 0.0  # not even computed during warm-up
+
+
+def test_fgpair_contrastive_term_is_mocos_loss():
+    """fgpair's L_C is exactly MoCo v2's loss for the same state, batch and rng."""
+    config = tiny_config(method="fgpair")
+    state, _ = make_state(config)
+    view1, view2 = views(config)
+    rng = jax.random.key(7)
+    _, aux = fgpair.loss(state.params, state, view1, view2, rng, config, epoch=5.0)
+    moco_loss, _ = moco.loss(state.params, state, view1, view2, jax.random.split(rng, 4)[0], config, epoch=5.0)
+    assert float(aux["metrics"]["loss_contrastive"]) == float(moco_loss)
+
+
+def test_moco_step_reproduces_the_slice():
+    """The MoCo step after the method registry and fgpair landed gives the numbers the MoCo slice gave.
+
+    Reference values were produced by tests/run_steps.py at commit 0ede21d (the MoCo v2 slice, before
+    this issue) on this CPU configuration: losses of 3 steps on fixed batches.
+    """
+    from run_steps import run
+    _, history = run(3, "moco")
+    np.testing.assert_allclose([h["loss"] for h in history], SLICE_MOCO_LOSSES, rtol=1e-5)
+
+
+SLICE_MOCO_LOSSES = [1.1555689573287964, 2.4128613471984863, 3.0095632076263428]
+
+
+@pytest.mark.parametrize("size, expected", [(96, (6, 4)), (112, (7, 4)), (224, (7, 5)), (32, (4, 3))])
+def test_decoder_geometry_and_output_shape(size, expected):
+    assert decoder_geometry(size) == expected
+    out, _ = jax.eval_shape(lambda: Decoder(size, channels=(8, 4)).init_with_output(
+        jax.random.key(0), jnp.ones((2, 16))))
+    assert out.shape == (2, size, size, 3)
+
+
+def test_decoder_rejects_unreachable_sizes():
+    with pytest.raises(ValueError, match="config.data.image_size"):
+        decoder_geometry(100 * 9)
+
+
+def load_real_images(count, size):
+    paths = sorted(glob.glob(os.path.join(SHARED_CUB, "images", "*", "*.jpg")))[::59][:count]
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])
+
+
+def test_reconstruction_loss_falls_on_real_images():
+    requires_shared_cub()
+    config = tiny_config(method="fgpair", **{"global_batch_size": 16, "moco.queue_size": 32})
+    images = load_real_images(64, config.data.image_size)
+    mesh = parallel.make_mesh()
+    state, tx = make_state(config)
+    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    losses = []
+    for step in range(40):
+        chunk = images[(step * 16) % 64:][:16]
+        state, metrics = train_step(state, parallel.global_batch({"view1": chunk, "view2": chunk}, mesh))
+        losses.append(float(metrics["loss_reconstruction"]))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_lcr_attention_fits_gradcam_and_pools_eval_features():
+    config = tiny_config(method="lcr", **{"data.image_size": 64})  # a 2x2 feature map to attend over
+    state, _ = make_state(config)
+    view1, view2 = views(config)
+    loss_fn = lambda p: lcr.loss(p, state, view1, view2, jax.random.key(1), config, epoch=0.0)  # noqa: E731
+    (total, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+    kl = float(aux["metrics"]["loss_attention_kl"])
+    assert kl >= 0.0
+    np.testing.assert_allclose(float(total), float(aux["metrics"]["loss_contrastive"]) + 0.01 * kl, rtol=1e-6)
+    assert norm(grads["attention"]) > 0
+    features = lcr.eval_features(state.params, state.batch_stats, view1, config)
+    assert features.shape == (config.global_batch_size, 64) and bool(jnp.all(jnp.isfinite(features)))
+
+
+def test_kl_divergence_is_zero_for_equal_maps_and_positive_otherwise():
+    p = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, 9))).reshape(2, 3, 3)
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 9))).reshape(2, 3, 3)
+    assert abs(float(lcr.kl_divergence(p, p))) < 1e-6
+    assert float(lcr.kl_divergence(q, p)) > 0.01
