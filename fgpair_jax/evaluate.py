@@ -22,14 +22,16 @@ from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
 from fgpair_jax.methods import get_method
+from fgpair_jax.models import input_normalization
 
 
 def make_feature_fn(config, mesh):
     """Jitted images(uint8, sharded) -> features; weights replicated, batch split over the mesh."""
     method = get_method(config.method)
+    mean, std = input_normalization(config.model)
 
     def features(params, batch_stats, images):
-        return method.eval_features(params, batch_stats, augment.normalize(images), config)
+        return method.eval_features(params, batch_stats, augment.normalize(images, mean, std), config)
 
     return jax.jit(
         features,

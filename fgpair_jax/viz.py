@@ -18,13 +18,14 @@ import numpy as np  # noqa: E402
 from fgpair_jax import gradcam, synthesis  # noqa: E402
 from fgpair_jax.data import augment, pipeline  # noqa: E402
 from fgpair_jax.methods import fgpair, moco  # noqa: E402
+from fgpair_jax.models import input_normalization  # noqa: E402
 
 LOSS_CURVES = ("loss", "loss_contrastive", "loss_reconstruction", "loss_pair", "loss_attention_kl")
 
 
-def to_uint8_image(normalized: np.ndarray) -> np.ndarray:
-    """Encoder-space (ImageNet-normalised) float images -> displayable uint8 RGB."""
-    mean, std = np.asarray(augment.IMAGENET_MEAN), np.asarray(augment.IMAGENET_STD)
+def to_uint8_image(normalized: np.ndarray, model_config) -> np.ndarray:
+    """Encoder-space (normalised) float images -> displayable uint8 RGB."""
+    mean, std = (np.asarray(v) for v in input_normalization(model_config))
     return (np.clip(normalized * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
@@ -35,7 +36,7 @@ def figure_arrays(params, state, images_uint8, rng, config) -> dict:
     the map shows what the SSL objective attends to. Returns numpy arrays: 'cam' [B, S, S] in [0, 1],
     and with a decoder 'reconstruction', 'perturbed' (uint8 images) and 'mask' [D].
     """
-    images = augment.normalize(images_uint8)
+    images = augment.normalize(images_uint8, *input_normalization(config.model))
     query, _ = moco.embed(params, state.batch_stats, images, config, train=False)
     keys, _ = moco.embed(state.ema_params, state.ema_batch_stats, images, config, train=False)
     loss_of_map = moco.contrastive_loss_of_feature_map(params, keys.projection, state.queue, config)
@@ -119,8 +120,8 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
     save_gradcam_overlays(shown, arrays["cam"][:num_images], written[-1])
     if "reconstruction" in arrays:
         written.append(os.path.join(directory, "pairs.png"))
-        save_pair_grid(shown, to_uint8_image(arrays["reconstruction"][:num_images]),
-                       to_uint8_image(arrays["perturbed"][:num_images]), written[-1])
+        save_pair_grid(shown, to_uint8_image(arrays["reconstruction"][:num_images], config.model),
+                       to_uint8_image(arrays["perturbed"][:num_images], config.model), written[-1])
     metrics_jsonl = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics_jsonl):
         written.append(os.path.join(directory, "loss_curves.png"))

@@ -19,6 +19,24 @@ TWO_STAGES = ((1, 3, 1, 1, 16), (1, 5, 2, 6, 24))
 THREE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (1, 5, 2, 6, 40))
 
 
+def random_variables(model, image_shape, seed=0):
+    """Variables with the model's shapes filled from numpy: no compiled init (~7 s for a jitted one)."""
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                            jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    rng = np.random.RandomState(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
+        if name == "scale":
+            return jnp.asarray(1 + 0.1 * rng.randn(*leaf.shape), jnp.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 10
+        return jnp.asarray(rng.randn(*leaf.shape) / np.sqrt(fan_in), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def numpy_depthwise(x, kernel, stride, padding):
     """Slow reference: explicit loops over output pixels, NHWC, kernel [k, k, 1, C]."""
     x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
@@ -49,25 +67,25 @@ def test_shifted_and_conv_match_reference_and_each_other(kernel, stride, size):
     cotangent = rng.randn(*reference.shape).astype(np.float32)
     results = {}
     for name, fn in (("shifted", lite.depthwise_conv_shifted), ("conv", lite.depthwise_conv_native)):
-        out, vjp = jax.vjp(lambda a, b: fn(a, b, stride, pads), jnp.asarray(x), jnp.asarray(w))
+
+        @jax.jit
+        def forward_and_backward(a, b, g):
+            out, vjp = jax.vjp(lambda a, b: fn(a, b, stride, pads), a, b)  # noqa: B023 (traced at once)
+            return out, vjp(g)
+
+        out, results[name] = forward_and_backward(x, w, cotangent)
         np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
-        results[name] = vjp(jnp.asarray(cotangent))
     for grad_shifted, grad_conv in zip(results["shifted"], results["conv"]):
         np.testing.assert_allclose(grad_shifted, grad_conv, atol=1e-5, rtol=1e-5)
 
 
 def test_whole_model_same_outputs_and_gradients_with_both_impls():
-    images = jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
-    variables = lite.EfficientNetLite(TWO_STAGES).init(jax.random.PRNGKey(1), images, train=False)
+    images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    variables = random_variables(lite.EfficientNetLite(TWO_STAGES), images.shape)
 
     def loss_and_grad(impl):
         model = lite.EfficientNetLite(TWO_STAGES, depthwise_impl=impl)
-
-        def loss(params):
-            (_, pooled), _ = model.apply({**variables, "params": params}, images, train=True,
-                                         mutable=["batch_stats"])
-            return jnp.sum(jnp.sin(pooled))
-
+        loss = lambda p: jnp.sum(jnp.sin(model.apply({**variables, "params": p}, images, train=False)[1]))
         return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
     (loss_s, grad_s), (loss_c, grad_c) = loss_and_grad("shifted"), loss_and_grad("conv")
@@ -99,7 +117,7 @@ def test_frozen_stages_get_no_gradient_and_keep_statistics():
     # stem + stages 1-2 = blocks 0..2; "conv" compiles faster and freezing does not depend on it.
     model = lite.EfficientNetLite(THREE_STAGES, frozen_stages=2, depthwise_impl="conv")
     images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(1), images, train=False)
+    variables = random_variables(model, images.shape)
 
     def loss(params):
         (_, pooled), updates = model.apply({**variables, "params": params}, images, train=True,

@@ -65,17 +65,18 @@ def _check_probability(name: str, value: float) -> None:
 # ----------------------------------------------------------------------------- normalisation
 
 
-def normalize_unit_interval(images: jax.Array) -> jax.Array:
-    """Float images in [0, 1] (..., 3) -> ImageNet-standardised float32."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+def normalize_unit_interval(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+    """Float images in [0, 1] (..., 3) -> (x - mean) / std, float32 (ImageNet statistics by default;
+    encoders trained with other input scaling pass theirs, see `models.input_normalization`)."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
     return (images.astype(jnp.float32) - mean) / std
 
 
-def normalize(images_uint8: jax.Array) -> jax.Array:
+def normalize(images_uint8: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """uint8 [B, H, W, 3] in [0, 255] -> float32 (x / 255 - mean) / std; the evaluation transform."""
     _check_uint8_images(images_uint8, "normalize")
-    return normalize_unit_interval(images_uint8.astype(jnp.float32) / 255.0)
+    return normalize_unit_interval(images_uint8.astype(jnp.float32) / 255.0, mean, std)
 
 
 # ----------------------------------------------------------------------------- colour building blocks
@@ -265,8 +266,9 @@ def augment_one_image(key: jax.Array, image: jax.Array, *, jitter_prob: float = 
 def mocov2_photometric(rng: jax.Array, images_uint8: jax.Array, *, jitter_prob: float = 0.8,
                        brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
                        hue: float = 0.1, grayscale_prob: float = 0.2, blur_prob: float = 0.5,
-                       blur_sigma: Tuple[float, float] = (0.1, 2.0)) -> jax.Array:
-    """uint8 views [B, H, W, 3] -> MoCo v2 photometric augmentation -> ImageNet-normalised float32.
+                       blur_sigma: Tuple[float, float] = (0.1, 2.0), mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD) -> jax.Array:
+    """uint8 views [B, H, W, 3] -> MoCo v2 photometric augmentation -> (x - mean) / std float32.
 
     Image i uses key `jax.random.split(rng, B)[i]`; jit-able, deterministic given `rng`, and
     independent of how the batch is sharded. The keyword knobs are static Python floats: call it inside
@@ -289,4 +291,4 @@ def mocov2_photometric(rng: jax.Array, images_uint8: jax.Array, *, jitter_prob: 
         blur_sigma=blur_sigma)
     keys = jax.random.split(rng, images_uint8.shape[0])
     augmented = jax.vmap(augment)(keys, images_uint8.astype(jnp.float32) / 255.0)
-    return normalize_unit_interval(augmented)
+    return normalize_unit_interval(augmented, mean, std)

@@ -42,6 +42,17 @@ def build_encoder(model_config) -> nn.Module:
     return ENCODERS[model_config.name](model_config)
 
 
+# Input scaling each encoder's pretrained weights expect, as (mean, std) of [0, 1] pixels. The packaged
+# EfficientNet-Lite0 (TF lineage) was trained on (x - 127) / 128 of 0-255 pixels, not ImageNet mean/std.
+_IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INPUT_NORMALIZATION = {"efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3)}
+
+
+def input_normalization(model_config):
+    """(mean, std) per RGB channel of [0, 1] pixels for the named encoder (ImageNet's by default)."""
+    return INPUT_NORMALIZATION.get(model_config.name, _IMAGENET_NORMALIZATION)
+
+
 def feature_dim(model_config) -> int:
     """Width D of the pooled feature vector of the named encoder."""
     return FEATURE_DIMS[model_config.name]
