@@ -1,5 +1,10 @@
 """Optimiser and learning-rate schedule: SGD + momentum + weight decay, linear warm-up then cosine decay."""
+import functools
+
+import jax
 import optax
+
+from fgpair_jax.models import frozen_modules
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -15,11 +20,29 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     )
 
 
+def parameter_labels(params, frozen: tuple):
+    """'frozen' for encoder modules named in `frozen`, 'trained' for everything else."""
+    def label(path, _):
+        keys = [getattr(entry, "key", None) for entry in path]
+        return "frozen" if len(keys) > 1 and keys[0] == "encoder" and keys[1] in frozen else "trained"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD as MoCo v2: L2 weight decay added to the gradient (all parameters), then momentum SGD."""
+    """SGD as MoCo v2: L2 weight decay added to the gradient, then momentum SGD.
+
+    Frozen encoder modules (`model.frozen_stages`) get a zero update: without this, weight decay alone
+    would still shrink weights that receive no gradient.
+    """
     if config.optim.name != "sgd":
         raise ValueError(f"config.optim.name={config.optim.name!r} is not supported; use 'sgd'.")
-    return optax.chain(
+    sgd = optax.chain(
         optax.add_decayed_weights(config.optim.weight_decay),
         optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.optim.momentum),
     )
+    frozen = frozen_modules(config.model)
+    if not frozen:
+        return sgd
+    return optax.multi_transform({"trained": sgd, "frozen": optax.set_to_zero()},
+                                 functools.partial(parameter_labels, frozen=frozen))

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgpair_jax.evaluation.retrieval import check_features_and_labels, cosine_similarities, l2_normalize
+from fgpair_jax.evaluation.retrieval import (check_features_and_labels, check_train_test, cosine_similarities,
+                                             l2_normalize)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
@@ -42,19 +43,11 @@ def knn_top1(
     """
     train_features, train_labels = check_features_and_labels(train_features, train_labels, "kNN train")
     test_features, test_labels = check_features_and_labels(test_features, test_labels, "kNN test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"kNN train and test features differ in width ({train_features.shape[1]} vs "
-            f"{test_features.shape[1]}); extract both with the same encoder."
-        )
+    num_classes = check_train_test(train_features, train_labels, test_features, test_labels, num_classes, "kNN")
     if not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"kNN k={k} must be in [1, number of train images={train_features.shape[0]}].")
     if temperature <= 0:
         raise ValueError(f"kNN temperature must be > 0; got {temperature}.")
-    largest_label = int(max(train_labels.max(), test_labels.max()))
-    num_classes = largest_label + 1 if num_classes is None else num_classes
-    if num_classes <= largest_label:
-        raise ValueError(f"kNN num_classes={num_classes} but a label is {largest_label}; pass more.")
 
     train_features, test_features = l2_normalize(train_features), l2_normalize(test_features)
     num_test = test_features.shape[0]

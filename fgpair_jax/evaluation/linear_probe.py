@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fgpair_jax.evaluation.retrieval import check_features_and_labels, l2_normalize
+from fgpair_jax.evaluation.retrieval import check_features_and_labels, check_train_test, l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -136,19 +136,11 @@ def linear_probe(
     """
     train_x, train_y = check_features_and_labels(train_features, train_labels, "linear-probe train")
     test_x, test_y = check_features_and_labels(test_features, test_labels, "linear-probe test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"linear-probe train and test features differ in width ({train_x.shape[1]} vs "
-            f"{test_x.shape[1]}); extract both with the same encoder."
-        )
+    num_classes = check_train_test(train_x, train_y, test_x, test_y, num_classes, "linear-probe")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"linear-probe val_fraction must be in (0, 1); got {val_fraction}.")
     if len(weight_decays) == 0 or min(weight_decays) < 0:
         raise ValueError(f"linear-probe weight_decays must be non-empty and >= 0; got {weight_decays}.")
-    largest_label = int(max(train_y.max(), test_y.max()))
-    num_classes = largest_label + 1 if num_classes is None else num_classes
-    if num_classes <= largest_label:
-        raise ValueError(f"linear-probe num_classes={num_classes} but a label is {largest_label}; pass more.")
 
     train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
     fit_indices, val_indices = stratified_split(train_y, val_fraction, seed)

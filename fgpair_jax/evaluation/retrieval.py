@@ -44,6 +44,20 @@ def check_features_and_labels(features, labels, name: str) -> tuple[np.ndarray, 
     return features.astype(np.float32), labels.astype(np.int32)
 
 
+def check_train_test(train_features, train_labels, test_features, test_labels, num_classes, name: str) -> int:
+    """Both splits have the same feature width; returns num_classes (default 1 + the largest label)."""
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"{name} train and test features differ in width ({train_features.shape[1]} vs "
+            f"{test_features.shape[1]}); extract both with the same encoder."
+        )
+    largest_label = int(max(train_labels.max(), test_labels.max()))
+    num_classes = largest_label + 1 if num_classes is None else num_classes
+    if num_classes <= largest_label:
+        raise ValueError(f"{name} num_classes={num_classes} but a label is {largest_label}; pass more.")
+    return num_classes
+
+
 def l2_normalize(features, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm (all-zero rows stay zero), so dot products are cosine similarities."""
     features = np.asarray(features, dtype=np.float32)

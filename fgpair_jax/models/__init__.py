@@ -53,6 +53,16 @@ def input_normalization(model_config):
     return INPUT_NORMALIZATION.get(model_config.name, _IMAGENET_NORMALIZATION)
 
 
+def frozen_modules(model_config) -> tuple:
+    """Top-level encoder modules whose parameters must not change (`model.frozen_stages`)."""
+    if model_config.name == "efficientnet_lite0":
+        return efficientnet_lite.frozen_module_names(model_config.get("frozen_stages", 0))
+    if model_config.get("frozen_stages", 0):
+        raise ValueError(f"config.model.frozen_stages is supported for efficientnet_lite0 only, not "
+                         f"{model_config.name!r}; set it to 0.")
+    return ()
+
+
 def feature_dim(model_config) -> int:
     """Width D of the pooled feature vector of the named encoder."""
     return FEATURE_DIMS[model_config.name]

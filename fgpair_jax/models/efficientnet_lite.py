@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fgpair_jax.models.heads import trunk_outputs
 from fgpair_jax.models.norm import GroupedBatchNorm
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage; Lite0 = width 1.0, depth 1.0.
@@ -46,6 +47,14 @@ HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3  # the TF checkpoint's value (the torch port's BatchNorm2d eps); flax's 1e-5 shifts logits.
 BN_MOMENTUM = 0.99  # TF's decay = 1 - torch momentum 0.01.
 DEPTHWISE_IMPLS = ("auto", "shifted", "conv")
+
+
+def frozen_module_names(frozen_stages: int, stages=LITE0_STAGES) -> Tuple[str, ...]:
+    """Names of the top-level modules that `frozen_stages` freezes: the stem and the blocks of the first
+    N stages. The optimiser leaves their parameters untouched (no weight decay, no momentum)."""
+    frozen_blocks = sum(repeats for repeats, *_ in stages[:frozen_stages])
+    stem = ("conv_stem", "bn0") if frozen_stages else ()
+    return stem + tuple(f"blocks_{i}" for i in range(frozen_blocks))
 
 
 def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
@@ -244,12 +253,7 @@ class EfficientNetLite(nn.Module):
                 x = jax.lax.stop_gradient(x)
         x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype, name="conv_head")(x)
         x = jax.nn.relu6(self._norm(train)(name="bn1")(x))
-        feature_map = x.astype(jnp.float32)
-        pooled = jnp.mean(feature_map, axis=(1, 2))
-        if self.num_classes:
-            logits = nn.Dense(self.num_classes, name="fc")(pooled)
-            return feature_map, pooled, logits
-        return feature_map, pooled
+        return trunk_outputs(x, self.num_classes)
 
 
 EfficientNetLite0 = functools.partial(EfficientNetLite, stages=LITE0_STAGES)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fgpair_jax.models.heads import trunk_outputs
 from fgpair_jax.models.norm import GroupedBatchNorm
 
 
@@ -99,12 +100,7 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = self.block(self.width * 2**stage, strides, norm=norm, dtype=self.dtype,
                                name=f"layer{stage + 1}_{index}")(x)
-        feature_map = x.astype(jnp.float32)
-        pooled = jnp.mean(feature_map, axis=(1, 2))
-        if self.num_classes:
-            logits = nn.Dense(self.num_classes, name="fc")(pooled)
-            return feature_map, pooled, logits
-        return feature_map, pooled
+        return trunk_outputs(x, self.num_classes)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)

@@ -1,0 +1,35 @@
+"""Optimiser: schedule shape, and frozen encoder modules that truly stay frozen."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import cub
+from fgpair_jax import optim
+
+
+def test_warmup_then_cosine_to_zero():
+    config = cub.get_config("quick")
+    config.num_epochs, config.optim.warmup_epochs, config.optim.learning_rate = 4, 1, 0.4
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=10)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(10)), 0.4, rtol=1e-6)  # peak at the end of the warm-up
+    np.testing.assert_allclose(float(schedule(25)), 0.2, rtol=1e-5)  # cosine half-way through the decay
+    assert float(schedule(40)) < 1e-8
+
+
+def test_frozen_modules_get_no_update_not_even_weight_decay():
+    config = cub.get_config("quick")  # EfficientNet-Lite0 with frozen_stages = 4
+    params = {"encoder": {"conv_stem": {"kernel": jnp.ones(3)}, "blocks_7": {"kernel": jnp.ones(3)},
+                          "blocks_8": {"kernel": jnp.ones(3)}},
+              "head": {"fc1": {"kernel": jnp.ones(3)}}}
+    tx = optim.make_optimizer(config, steps_per_epoch=10)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(params["encoder"]["conv_stem"]["kernel"], 1.0)  # stem: frozen
+    np.testing.assert_array_equal(params["encoder"]["blocks_7"]["kernel"], 1.0)  # last block of stage 4
+    assert float(params["encoder"]["blocks_8"]["kernel"][0]) < 1.0  # first block of stage 5 trains
+    assert float(params["head"]["fc1"]["kernel"][0]) < 1.0
