@@ -80,6 +80,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fgpair.ramp_epochs = 10.0  # then nu ramps linearly from 0 over this many epochs
     c.fgpair.reconstruction_trains_encoder = False  # let L_R's gradient reach the encoder
     c.fgpair.decoder_channels = (128, 64, 32, 16, 16)  # widths after each x2 upsampling block
+    c.fgpair.decoder_optimizer = "adam"  # the decoder's own optimiser: adam | sgd (see optim.py)
+    c.fgpair.decoder_learning_rate = 1e-3  # its learning rate (constant)
     c.fgpair.pair_stride = 1  # every k-th image of the batch gets a synthesized pair (cost knob)
 
     c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023)

@@ -33,3 +33,16 @@ def test_frozen_modules_get_no_update_not_even_weight_decay():
     np.testing.assert_array_equal(params["encoder"]["blocks_7"]["kernel"], 1.0)  # last block of stage 4
     assert float(params["encoder"]["blocks_8"]["kernel"][0]) < 1.0  # first block of stage 5 trains
     assert float(params["head"]["fc1"]["kernel"][0]) < 1.0
+
+
+def test_decoder_has_its_own_adam_and_the_rest_sgd():
+    config = cub.get_config("quick")  # method fgpair, decoder_optimizer adam at 1e-3
+    config.model.frozen_stages = 0
+    params = {"encoder": {"blocks_0": {"kernel": jnp.ones(2)}}, "decoder": {"to_rgb": {"kernel": jnp.ones(2)}}}
+    tx = optim.make_optimizer(config, steps_per_epoch=10)
+    grads = {"encoder": {"blocks_0": {"kernel": jnp.full(2, 5.0)}}, "decoder": {"to_rgb": {"kernel": jnp.full(2, 5.0)}}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step is -lr * sign(g) whatever the gradient's scale; SGD's is -lr * (g + wd * w).
+    np.testing.assert_allclose(updates["decoder"]["to_rgb"]["kernel"], -1e-3, rtol=1e-4)
+    expected_sgd = -config.optim.learning_rate * (5.0 + config.optim.weight_decay)
+    np.testing.assert_allclose(updates["encoder"]["blocks_0"]["kernel"], expected_sgd, rtol=1e-5)
