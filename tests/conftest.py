@@ -15,6 +15,8 @@ def tiny_config(**overrides):
     """The quick config shrunk to seconds: 8-channel ResNet, 32 px, batch 8, queue 16, small decoder."""
     config = cub.get_config("quick")
     config.model.name = "resnet_tiny"
+    config.model.init = "none"
+    config.model.frozen_stages = 0
     config.model.bn_groups = 2
     config.data.image_size = 32
     config.global_batch_size = 8
@@ -25,6 +27,7 @@ def tiny_config(**overrides):
     config.eval.batch_size = 16
     config.log_every_steps = 1
     config.fgpair.decoder_channels = (16, 8)
+    config.fgpair.pair_stride = 1
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

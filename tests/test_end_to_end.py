@@ -10,7 +10,9 @@ import pytest
 from conftest import REPO
 
 TINY_OVERRIDES = [
-    "--config.model.name=resnet_tiny", "--config.model.bn_groups=2", "--config.data.image_size=32",
+    "--config.model.name=resnet_tiny", "--config.model.init=none", "--config.model.frozen_stages=0",
+    "--config.model.bn_groups=2", "--config.data.image_size=32", "--config.fgpair.pair_stride=1",
+    "--config.fgpair.decoder_channels=(16, 8)",
     "--config.global_batch_size=8", "--config.moco.queue_size=8", "--config.num_epochs=2",
     "--config.eval.batch_size=8", "--config.eval.knn_k=3", "--config.eval.knn_every_epochs=1",
     "--config.log_every_steps=1",
@@ -48,6 +50,11 @@ def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
     assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]
     assert any("knn_top1" in entry for entry in log)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    # fgpair (the default method) draws its figures; they are real PNG files.
+    for name in ("gradcam.png", "pairs.png", "loss_curves.png"):
+        with open(os.path.join(workdir, "figures", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert any("loss_reconstruction" in entry for entry in log)
 
     # Re-evaluation of the latest checkpoint reproduces the training run's own evaluation.
     os.remove(os.path.join(workdir, "eval", "metrics.json"))
