@@ -22,7 +22,7 @@ def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = 
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("method", ["moco"])  # fgpair: open problem, see issue 5's note (mask ranking near-ties)
+@pytest.mark.parametrize("method", ["moco", "fgpair"])
 def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
     one = run_in_subprocess(tmp_path, 1, 1, method)
     two = run_in_subprocess(tmp_path, 2, 1, method)

@@ -43,6 +43,6 @@ class Decoder(nn.Module):
         x = nn.relu(x).reshape(features.shape[0], side, side, start)
         for i, width in enumerate(widths):
             x = jax.image.resize(x, (x.shape[0], x.shape[1] * 2, x.shape[2] * 2, x.shape[3]), "nearest")
-            x = nn.Conv(width, (3, 3), name=f"up{i}_conv")(x)
+            x = nn.Conv(width, (3, 3), use_bias=False, name=f"up{i}_conv")(x)  # GroupNorm removes a bias
             x = nn.relu(nn.GroupNorm(num_groups=min(8, width), name=f"up{i}_norm")(x))
         return nn.Conv(3, (3, 3), name="to_rgb")(x).astype(jnp.float32)
