@@ -1,9 +1,16 @@
 """Decoder: pooled feature vector [B, D] -> image [B, S, S, 3] in the encoder's normalised input space.
 
-Dense -> small s x s grid -> (nearest x2 upsample, 3x3 conv, GroupNorm, ReLU) blocks -> 3x3 conv to RGB.
-GroupNorm, not BatchNorm: the decoder's output must not depend on which images share its batch (the
-original and the perturbed vector of an image are decoded in different batches), and it keeps no
-running statistics to checkpoint.
+LayerNorm(h) -> two paths, summed:
+- coarse: a zero-initialised linear map to an s x s RGB grid, bilinearly upsampled to S x S;
+- detail: dense -> s x s grid -> (nearest x2 upsample, 3x3 conv, GroupNorm, ReLU) blocks -> 3x3 conv to RGB.
+
+Why these pieces (measured on 1,024 CUB images with frozen ImageNet EfficientNet-Lite0 features, Adam
+1e-3, 92 steps of 16 — a quick run's budget): the detail path alone renders the same mean-image blob for
+every input (pooled features are unnormalised and the conv stack learns slowly); LayerNorm on the input
+plus the coarse path, which starts at zero and so adds nothing until it has learnt something, give each
+image its own colour layout (a dark blob for a black bird, a red one for a cardinal). GroupNorm, not
+BatchNorm: the decoder's output must not depend on which images share its batch (the original and the
+perturbed vector of an image are decoded in different batches), and it keeps no running statistics.
 """
 from typing import Sequence, Tuple
 
@@ -37,12 +44,20 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
         side, blocks = decoder_geometry(self.image_size)
+        batch = features.shape[0]
+        features = nn.LayerNorm(name="input_norm")(features)
+
+        coarse = nn.Dense(side * side * 3, kernel_init=nn.initializers.zeros, name="coarse")(features)
+        coarse = jax.image.resize(coarse.reshape(batch, side, side, 3),
+                                  (batch, self.image_size, self.image_size, 3), "bilinear")
+
         widths = [self.channels[min(i, len(self.channels) - 1)] for i in range(blocks)]
         start = widths[0] if widths else self.channels[0]
         x = nn.Dense(side * side * start, name="project")(features)
-        x = nn.relu(x).reshape(features.shape[0], side, side, start)
+        x = nn.relu(x).reshape(batch, side, side, start)
         for i, width in enumerate(widths):
-            x = jax.image.resize(x, (x.shape[0], x.shape[1] * 2, x.shape[2] * 2, x.shape[3]), "nearest")
+            x = jax.image.resize(x, (batch, x.shape[1] * 2, x.shape[2] * 2, x.shape[3]), "nearest")
             x = nn.Conv(width, (3, 3), use_bias=False, name=f"up{i}_conv")(x)  # GroupNorm removes a bias
             x = nn.relu(nn.GroupNorm(num_groups=min(8, width), name=f"up{i}_norm")(x))
-        return nn.Conv(3, (3, 3), name="to_rgb")(x).astype(jnp.float32)
+        detail = nn.Conv(3, (3, 3), name="to_rgb")(x)
+        return (coarse + detail).astype(jnp.float32)
