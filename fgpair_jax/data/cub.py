@@ -13,8 +13,9 @@ moved) reuses its build: `<data_dir>/cub_folder/<config name>/1.0.0/`.
 
 Image hygiene happens once, at build time: every image is fully decoded; valid RGB JPEGs are stored
 byte-for-byte, anything else (greyscale, CMYK, RGBA, PNG under a .jpg name, ...) is converted to an RGB
-JPEG, and undecodable or missing files are skipped and reported in one warning per split. Nothing
-undecodable can reach training.
+JPEG, and undecodable or missing files are skipped and reported in one warning per split (a split with
+no readable image at all is a one-line error). The decode is strict even where PIL has been told to
+accept truncated files. Nothing undecodable can reach training.
 
 Multi-host: build once (e.g. on process 0, or before launching) when several processes share a data_dir;
 concurrent first builds of the same config race on TFDS's temporary directory.
@@ -31,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageFile
 
 _LOG = logging.getLogger(__name__)
 
@@ -65,23 +66,39 @@ def _layout_error(manual_dir: str, problem: str) -> ValueError:
 def _read_id_table(manual_dir: str, file_name: str) -> dict[int, str]:
     """Parses '<int id> <value>' lines; blank lines are ignored, anything else is a layout error."""
     table: dict[int, str] = {}
-    with open(os.path.join(manual_dir, file_name), encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            parts = line.split(maxsplit=1)
-            if len(parts) != 2 or not parts[0].isdigit():
-                raise _layout_error(manual_dir, f"{file_name} line {line_number} is not '<id> <value>'")
-            table[int(parts[0])] = parts[1].strip()
+    try:
+        with open(os.path.join(manual_dir, file_name), encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                parts = line.split(maxsplit=1)
+                if len(parts) != 2 or not parts[0].isdigit():
+                    raise _layout_error(manual_dir, f"{file_name} line {line_number} is not '<id> <value>'")
+                table[int(parts[0])] = parts[1].strip()
+    except UnicodeDecodeError as error:  # A binary or UTF-16 file: say which one, not a bare codec error.
+        problem = f"{file_name} is not UTF-8 text ({error.reason} at byte {error.start})"
+        raise _layout_error(manual_dir, problem) from None
     return table
 
 
 def _check_folder_exists(manual_dir: str) -> None:
+    """One-line FileNotFoundError naming what is wrong with the folder itself, before any index is read.
+
+    Besides a missing folder or missing parts, it names the two usual slips: an empty folder (extraction not
+    done or still running) and the parent of the extracted folder (the tarball unpacks to CUB_200_2011/).
+    """
     if not manual_dir or not os.path.isdir(manual_dir):
-        raise FileNotFoundError(f"CUB folder {manual_dir!r} does not exist; {EXPECTED_LAYOUT}.")
+        problem = "is a file, not a folder" if manual_dir and os.path.exists(manual_dir) else "does not exist"
+        raise FileNotFoundError(f"CUB folder {manual_dir!r} {problem}; {EXPECTED_LAYOUT}.")
+    if not os.listdir(manual_dir):
+        raise FileNotFoundError(f"CUB folder {manual_dir!r} is empty; {EXPECTED_LAYOUT}.")
     missing = [name for name in (*INDEX_FILES, "images") if not os.path.exists(os.path.join(manual_dir, name))]
     if missing:
-        raise FileNotFoundError(f"CUB folder {manual_dir!r} lacks {', '.join(missing)}; {EXPECTED_LAYOUT}.")
+        nested = sorted(
+            name for name in os.listdir(manual_dir) if os.path.isfile(os.path.join(manual_dir, name, "images.txt"))
+        )
+        hint = f" (its subfolder {nested[0]!r} holds an images.txt: point there)" if nested else ""
+        raise FileNotFoundError(f"CUB folder {manual_dir!r} lacks {', '.join(missing)}{hint}; {EXPECTED_LAYOUT}.")
 
 
 def read_cub_index(manual_dir: str) -> CubIndex:
@@ -126,7 +143,14 @@ def index_fingerprint(manual_dir: str) -> str:
 
 
 def as_rgb_jpeg_bytes(path: str) -> bytes | None:
-    """The image at `path` as RGB JPEG bytes (original bytes when already so), or None if undecodable."""
+    """The image at `path` as RGB JPEG bytes (original bytes when already so), or None if undecodable.
+
+    The decode is strict whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says: TFDS sets that global to True
+    when it draws a thumbnail (and other libraries do too), and a truncated JPEG accepted here would be
+    stored byte-for-byte and then fail to decode mid-run in a fresh process where the flag is False again.
+    """
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -139,6 +163,8 @@ def as_rgb_jpeg_bytes(path: str) -> bytes | None:
             return buffer.getvalue()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 class CubFolderConfig(tfds.core.BuilderConfig):
@@ -232,6 +258,13 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
                 "file_name": file_name,
             }
         self.info.metadata[f"skipped_{split}"] = skipped
+        if skipped and len(skipped) == sum(flag == (split == "train") for flag in index.is_train):
+            # Otherwise TFDS fails with a bare 'No examples were yielded' assertion.
+            raise _layout_error(
+                manual_dir,
+                f"none of the {len(skipped)} {split} images listed in images.txt could be read from images/ "
+                f"(missing or undecodable, e.g. {skipped[0]!r})",
+            )
         if skipped:
             _LOG.warning(
                 "CUB %s split: skipped %d undecodable images: %s",

@@ -1,0 +1,290 @@
+"""Bad input end to end: folders and index files that are wrong, images that are odd or broken.
+
+Complements test_data_cub.py (missing folder and layout parts, grey/CMYK/PNG conversion, one truncated
+image skipped) and test_end_to_end.py (CLI: missing folder, unknown config key, wrong type). Folder
+errors must be one line naming the cause and `config.data.manual_dir`; odd images must be converted and
+broken ones skipped with a counted warning at build time, so that the train and eval pipelines never
+meet an unreadable image mid-run.
+"""
+import io
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from conftest import tiny_config, write_tiny_cub
+from fgpair_jax.data import cub, pipeline
+
+
+def _one_line_error(excinfo, *fragments):
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def _jpeg_bytes(pixels, **save_kwargs):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", **save_kwargs)
+    return buffer.getvalue()
+
+
+def _noise(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- the folder and its index files
+
+
+def test_empty_folder_says_empty_and_names_the_layout_and_config_key(tmp_path):
+    empty = tmp_path / "CUB_200_2011"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as excinfo:
+        cub.load_cub_sources(str(empty), str(tmp_path / "tfds"))
+    _one_line_error(excinfo, "is empty", "images.txt", "images/<class>/<file>.jpg", "config.data.manual_dir")
+
+
+def test_parent_of_the_extracted_folder_points_at_it(tmp_path):
+    write_tiny_cub(str(tmp_path / "download" / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    with pytest.raises(FileNotFoundError) as excinfo:
+        cub.load_cub_sources(str(tmp_path / "download"), str(tmp_path / "tfds"))
+    _one_line_error(excinfo, "lacks images.txt", "subfolder 'CUB_200_2011'", "config.data.manual_dir")
+
+
+def test_a_file_given_as_the_folder_says_so(tmp_path):
+    archive = tmp_path / "CUB_200_2011.tgz"
+    archive.write_bytes(b"\x1f\x8b not extracted")
+    with pytest.raises(FileNotFoundError) as excinfo:
+        cub.load_cub_sources(str(archive), str(tmp_path / "tfds"))
+    _one_line_error(excinfo, "is a file, not a folder", "config.data.manual_dir")
+
+
+def _remove_classes_txt(root):
+    os.remove(os.path.join(root, "classes.txt"))
+
+
+def _empty_images_txt(root):
+    open(os.path.join(root, "images.txt"), "w").close()
+
+
+def _garbled_line(root):
+    with open(os.path.join(root, "image_class_labels.txt"), "a") as handle:
+        handle.write("not-an-id 2\n")
+
+
+def _utf16_index(root):
+    path = os.path.join(root, "classes.txt")
+    text = open(path, encoding="utf-8").read()
+    open(path, "w", encoding="utf-16").write(text)  # e.g. saved by a Windows editor
+
+
+@pytest.mark.parametrize(
+    "damage, error, cause",
+    [
+        (_remove_classes_txt, FileNotFoundError, "lacks classes.txt"),
+        (_empty_images_txt, ValueError, "images.txt lists no images"),
+        (_garbled_line, ValueError, "image_class_labels.txt line 28 is not '<id> <value>'"),
+        (_utf16_index, ValueError, "classes.txt is not UTF-8 text"),
+    ],
+)
+def test_bad_index_file_is_one_line_naming_it_and_the_layout(tmp_path, damage, error, cause):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    damage(root)
+    with pytest.raises(error) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, cause, "config.data.manual_dir")
+
+
+def test_no_readable_image_in_a_split_is_one_line_and_the_fixed_folder_then_builds(tmp_path):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    shutil.move(os.path.join(root, "images"), str(tmp_path / "elsewhere"))
+    os.mkdir(os.path.join(root, "images"))  # Present but empty: every listed file is missing.
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, data_dir)
+    _one_line_error(excinfo, "none of the 6 train images", "could be read from images/", "config.data.manual_dir")
+
+    os.rmdir(os.path.join(root, "images"))
+    shutil.move(str(tmp_path / "elsewhere"), os.path.join(root, "images"))
+    _, info = cub.load_cub_sources(root, data_dir)  # The failed build left nothing behind to be reused.
+    assert info.split_sizes == {"train": 6, "test": 3}
+
+
+# ---------------------------------------------------------------- single images
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("keep", ["header", "half", "all_but_eoi"])
+def test_truncated_jpeg_is_undecodable_even_where_pil_is_told_to_accept_it(tmp_path, monkeypatch, lenient,
+                                                                             progressive, keep):
+    # TFDS sets LOAD_TRUNCATED_IMAGES=True when it draws a thumbnail; a build made after that must still
+    # skip truncated files, or they would fail to decode later in a process where the flag is False.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", lenient)
+    data = _jpeg_bytes(_noise(64, 80), quality=90, progressive=progressive)
+    cut = {"header": 200, "half": len(data) // 2, "all_but_eoi": len(data) - 2}[keep]
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[:cut])
+    assert cub.as_rgb_jpeg_bytes(str(path)) is None
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is lenient  # The caller's setting is restored.
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff", bytes(range(256)) * 8, b"<html>404 Not Found</html>"])
+def test_empty_or_garbage_file_is_undecodable(tmp_path, content):
+    path = tmp_path / "bird.jpg"
+    path.write_bytes(content)
+    assert cub.as_rgb_jpeg_bytes(str(path)) is None
+
+
+def _save_as(pixels, mode, fmt):
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 300), (300, 1), (2, 1)])
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "GIF"),
+                                       ("1", "PNG"), ("I;16", "PNG"), ("LA", "PNG")])
+def test_tiny_and_odd_images_become_rgb_jpegs_the_transforms_accept(tmp_path, shape, mode, fmt):
+    path = tmp_path / "bird.jpg"
+    path.write_bytes(_save_as(_noise(*shape), mode, fmt))
+    stored = cub.as_rgb_jpeg_bytes(str(path))
+    with Image.open(io.BytesIO(stored)) as image:
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", shape[::-1])
+        pixels = np.asarray(image)
+    for size in (32, 224):
+        views = pipeline.two_views(pixels, np.random.default_rng(0), size)
+        assert [(v.shape, v.dtype) for v in views] == [((size, size, 3), np.uint8)] * 2
+        evaluated = pipeline.eval_transform(pixels, size)
+        assert (evaluated.shape, evaluated.dtype) == ((size, size, 3), np.uint8)
+
+
+# ---------------------------------------------------------------- a folder full of bad images, built and read
+
+
+BAD_TRAIN = {  # (class index, image number) -> what replaces the tiny fixture's JPEG there
+    (0, 0): "rgb_1x1", (0, 1): "strip_1x300", (0, 2): "strip_300x1", (0, 3): "truncated",
+    (1, 0): "zero_bytes", (1, 1): "garbage", (1, 2): "grey_png_1x1", (1, 3): "cmyk_1x1",
+    (2, 0): "missing", (2, 1): "png16_in_jpg",
+}
+BAD_TEST = {(0, 6): "grey_1x1", (1, 6): "truncated_progressive"}
+UNREADABLE = {"truncated", "zero_bytes", "garbage", "missing", "truncated_progressive"}
+
+
+def _bad_image_bytes(kind):
+    full = _jpeg_bytes(_noise(40, 48), quality=90)
+    return {
+        "rgb_1x1": lambda: _jpeg_bytes(_noise(1, 1)),
+        "strip_1x300": lambda: _jpeg_bytes(_noise(1, 300)),
+        "strip_300x1": lambda: _jpeg_bytes(_noise(300, 1)),
+        "truncated": lambda: full[: len(full) // 2],
+        "truncated_progressive": lambda: _jpeg_bytes(_noise(40, 48), progressive=True)[:-2],
+        "zero_bytes": lambda: b"",
+        "garbage": lambda: bytes(range(256)) * 4,
+        "grey_png_1x1": lambda: _save_as(_noise(1, 1), "L", "PNG"),
+        "grey_1x1": lambda: _save_as(_noise(1, 1), "L", "JPEG"),
+        "cmyk_1x1": lambda: _save_as(_noise(1, 1), "CMYK", "JPEG"),
+        "png16_in_jpg": lambda: _save_as(_noise(30, 20), "I;16", "PNG"),
+    }[kind]()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def bad_build(tmp_path_factory):
+    """The tiny CUB folder (18 train, 9 test) with BAD_TRAIN/BAD_TEST swapped in, built under the lenient
+    PIL flag that TFDS may have set earlier in the process; returns (sources, info, file names, warnings)."""
+    root = write_tiny_cub(str(tmp_path_factory.mktemp("bad") / "CUB_200_2011"))
+    names = {}
+    for bad, train in ((BAD_TRAIN, True), (BAD_TEST, False)):
+        for (class_index, number), kind in bad.items():
+            class_dir = f"{(2, 5, 9)[class_index]:03d}.Bird_{(2, 5, 9)[class_index]}"
+            name = f"{class_dir}/Bird_{(2, 5, 9)[class_index]}_{number:04d}.jpg"
+            path = os.path.join(root, "images", name)
+            if kind == "missing":
+                os.remove(path)
+            else:
+                open(path, "wb").write(_bad_image_bytes(kind))
+            names[kind] = name
+    records = _Records()
+    cub._LOG.addHandler(records)
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        sources, info = cub.load_cub_sources(root, str(tmp_path_factory.mktemp("tfds")))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+        cub._LOG.removeHandler(records)
+    return sources, info, names, records.messages
+
+
+def test_bad_images_are_skipped_with_counted_warnings_and_odd_ones_kept(bad_build):
+    sources, info, names, warnings = bad_build
+    skipped_train = sorted(names[kind] for kind in BAD_TRAIN.values() if kind in UNREADABLE)
+    assert info.skipped_files == {"train": tuple(skipped_train), "test": (names["truncated_progressive"],)}
+    assert info.split_sizes == {"train": 18 - 4, "test": 9 - 1}
+    assert f"CUB train split: skipped 4 undecodable images: {', '.join(skipped_train)}" in warnings
+    assert f"CUB test split: skipped 1 undecodable images: {names['truncated_progressive']}" in warnings
+    kept = {sources[split][i]["file_name"].decode(): sources[split][i]["image"]
+            for split in ("train", "test") for i in range(len(sources[split]))}
+    expected_shapes = {"rgb_1x1": (1, 1, 3), "strip_1x300": (1, 300, 3), "strip_300x1": (300, 1, 3),
+                       "grey_png_1x1": (1, 1, 3), "cmyk_1x1": (1, 1, 3), "png16_in_jpg": (30, 20, 3),
+                       "grey_1x1": (1, 1, 3)}
+    assert {kind: kept[names[kind]].shape for kind in expected_shapes} == expected_shapes
+
+
+def test_train_pipeline_reads_every_kept_image_without_error(bad_build):
+    sources, info, _, _ = bad_build
+    assert info.split_sizes["train"] == 14  # batch 7: two batches are one epoch, every record once
+    iterator = iter(pipeline.train_dataset(sources["train"], global_batch_size=7, image_size=32, seed=0,
+                                           read_threads=1))
+    batches = [next(iterator) for _ in range(2)]
+    for batch in batches:
+        assert batch["view1"].shape == batch["view2"].shape == (7, 32, 32, 3)
+        assert batch["view1"].dtype == np.uint8
+    assert sorted(np.concatenate([b["index"] for b in batches]).tolist()) == list(range(14))
+
+
+def test_eval_pipeline_reads_every_kept_image_without_error(bad_build):
+    sources, _, _, _ = bad_build
+    for split in ("train", "test"):
+        batches = list(pipeline.eval_batches(sources[split], batch_size=4, image_size=32, read_threads=1))
+        images = np.concatenate([b["image"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert images.shape[1:] == (32, 32, 3) and mask.sum() == len(sources[split])
+
+
+# ---------------------------------------------------------------- an existing run survives bad input
+
+
+def test_bad_data_folder_leaves_an_existing_runs_checkpoint_and_results_alone(tmp_path):
+    from fgpair_jax import train  # Heavy import: only this test needs it.
+
+    workdir = tmp_path / "run"
+    kept = {"checkpoints/4/state/data": b"\x00checkpoint", "eval/metrics.json": b'{"linear_top1": 50.0}\n',
+            "config.json": b"{}\n", "metrics.jsonl": b'{"step": 4, "loss": 1.0}\n'}
+    for name, content in kept.items():
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_bytes(content)
+    empty = tmp_path / "CUB_200_2011"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as excinfo:
+        train.train_and_evaluate(tiny_config(**{"data.manual_dir": str(empty)}), str(workdir))
+    _one_line_error(excinfo, "is empty", "config.data.manual_dir")
+    after = {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == kept
