@@ -16,10 +16,11 @@ DEFAULT_CUB_DIR = os.environ.get(
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    """`arg`: '' (paper protocol, ResNet-50 at 224 px) or 'quick' (CPU-sized, ~15 min end to end)."""
+    """`arg`: '' (paper protocol, ResNet-50 at 224 px), 'quick' (CPU-sized, ~15 min end to end) or
+    'tiny' (seconds: a smoke run for tests and the kill harness on `data/synthetic.py` folders)."""
     variant = arg or "paper"
-    if variant not in ("paper", "quick"):
-        raise ValueError(f"configs/cub.py takes '' or 'quick', not {arg!r}.")
+    if variant not in ("paper", "quick", "tiny"):
+        raise ValueError(f"configs/cub.py takes '', 'quick' or 'tiny', not {arg!r}.")
 
     c = ml_collections.ConfigDict()
     c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr
@@ -105,8 +106,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.log_every_steps = 10  # JSONL / TensorBoard cadence
     c.checkpoint_every_steps = 500  # also saved at the end of every epoch and of training
     c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps
+    c.on_nonfinite = "stop"  # NaN/Inf loss or gradient: stop (nothing bad saved) | skip the step and go on
 
-    if variant == "quick":
+    if variant in ("quick", "tiny"):
         # Sized for a 2-core CPU: ImageNet-initialised EfficientNet-Lite0 (the one ImageNet encoder
         # available offline) at 112 px, stem + first 4 stages frozen (their backward pass dominates a
         # CPU step); fgpair training + evaluation within 15 minutes.
@@ -126,4 +128,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.eval.batch_size = 128
         c.eval.knn_every_epochs = 0
         c.checkpoint_every_steps = 100
+    if variant == "tiny":
+        # The quick run shrunk to seconds (8-channel ResNet, 32 px, batch 8): tests, smoke runs.
+        c.num_epochs = 2
+        c.global_batch_size = 8
+        c.data.image_size = 32
+        c.model.name = "resnet_tiny"
+        c.model.init = "none"
+        c.model.frozen_stages = 0
+        c.moco.queue_size = 8
+        c.fgpair.decoder_channels = (16, 8)
+        c.fgpair.pair_stride = 1
+        c.eval.batch_size = 8
+        c.eval.knn_k = 3
+        c.eval.knn_every_epochs = 1
+        c.log_every_steps = 1
     return c

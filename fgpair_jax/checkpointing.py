@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: the whole `TrainState` plus a JSON fingerprint of what produced it.
+"""Checkpoints with orbax: the whole `TrainState`, the data iterator's position and a JSON fingerprint.
 
 Why a fingerprint: resuming into a workdir written by another model or method would otherwise fail
 deep inside orbax with a shape error, or worse, succeed on a coincidentally matching tree. We compare
@@ -6,14 +6,21 @@ the fingerprint first and refuse with a one-line error, touching nothing on disk
 
 Saves are asynchronous (training continues while orbax writes) and atomic (orbax writes to a temporary
 directory and renames it when complete), so a run killed mid-save still finds its previous checkpoint.
+A save that fails (a full disk, a lost mount) raises `CheckpointWriteError`, one line naming the
+directory, the cause and the intact step to resume from.
 """
+import contextlib
 import os
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the data iterator's state is saved beside the train state
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
 
 
 def fingerprint(config, state) -> dict:
@@ -46,6 +53,19 @@ def describe_mismatch(saved: dict, expected: dict) -> Optional[str]:
     return f"the checkpoint has an unexpected {extra[0]}" if extra else None
 
 
+_KNOWN_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                         "Permission denied")
+
+
+def write_failure_cause(error: BaseException) -> str:
+    """The operating system's reason inside a (long, nested) orbax/tensorstore error message."""
+    text = " ".join(str(error).split())
+    for phrase in _KNOWN_WRITE_FAILURES:
+        if phrase in text:
+            return phrase
+    return text[:200] or type(error).__name__
+
+
 class Checkpointer:
     """Keep-the-last-N orbax manager for one run directory, with fingerprint checks on restore."""
 
@@ -55,7 +75,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "meta"),
+            item_names=("state", "meta", "data"),
         )
 
     def latest_step(self) -> Optional[int]:
@@ -79,17 +99,26 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
-    def save(self, step: int, state, *, force: bool = False) -> bool:
-        """Start an asynchronous save of `state` as `step` (no-op if that step is already saved)."""
+    def restore_data_state(self, step: Optional[int] = None) -> dict:
+        """The data iterator state saved with `step` (default: latest): grain's `get_state()` dict."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
+    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+        """Start an asynchronous save of `state` and the iterator's `data_state` as `step` (no-op if that
+        step is already saved). An error of this or of the previous asynchronous save is raised here."""
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.expected_fingerprint)
-            ),
-            force=force,
-        )
+        with self._write_errors_as(step):
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave(self.expected_fingerprint),
+                    data=ocp.args.JsonSave(data_state),
+                ),
+                force=force,
+            )
 
     def reached_preemption(self, step: int) -> bool:
         """True on every host once any host got a preemption notice (TPU/Cloud); save and exit then."""
@@ -97,5 +126,28 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for pending asynchronous saves, then release the manager. Call before exiting."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            with self._write_errors_as(None):
+                self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _write_errors_as(self, step: Optional[int]):
+        """Turn orbax's write failures into one line. An asynchronous save fails in orbax's background
+        thread and is re-raised by the next `save` or by `close`, so the failed step may be an earlier one."""
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as error:
+            intact = self._finished_steps()
+            resume = f"step {intact[-1]} is intact and resumable" if intact else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"Could not write a checkpoint to {self.directory} ({write_failure_cause(error)}). Free disk "
+                f"space (or move --workdir to a larger disk) and rerun the same command; {resume}."
+            ) from error
+
+    def _finished_steps(self) -> list:
+        """Steps whose checkpoint folder is complete on disk (orbax renames a folder only when done)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())

@@ -2,6 +2,8 @@
 
 Trains (resuming if W holds a checkpoint of the same config) and evaluates. Results: W/eval/.
 """
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,6 +27,24 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def unknown_key_message(error: Exception, argv: list) -> str:
+    """One line for an override naming no config field (ml_collections raises a bare AttributeError)."""
+    key = str(error).strip("\"'")
+    override = next((arg for arg in argv if arg.startswith("--config.") and key in arg), key)
+    return (f"Unknown config key in {override}: the config has no field {key!r}. Check the spelling against "
+            "the config file (configs/cub.py lists every key with its default).")
+
+
+def run() -> None:
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as error:
+        parsing_overrides = not flags.FLAGS.is_parsed() and any(a.startswith("--config.") for a in sys.argv)
+        if not parsing_overrides:  # an error of the run itself, not of the command line
+            raise
+        sys.exit(unknown_key_message(error, sys.argv))
+
+
+if __name__ == "__main__":
+    run()

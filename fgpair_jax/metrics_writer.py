@@ -18,15 +18,40 @@ def announce(message: str) -> None:
         print(message, flush=True)
 
 
+def truncate_jsonl(path: str, resume_step: int) -> None:
+    """Keep only the training lines of steps <= `resume_step` (atomically).
+
+    Why: a run killed after its last checkpoint logged steps that the resumed run computes and logs
+    again; without this the file would hold them twice (and a line cut by the kill, or the evaluation
+    lines of an interrupted evaluation). TensorBoard event files are append-only and keep both.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("step", 0) <= resume_step and not any(k.startswith("eval/") for k in entry):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        f.writelines(kept)
+    os.replace(temporary, path)
+
+
 class MetricsWriter:
     """Appends `{"step": s, **scalars}` lines to `<workdir>/metrics.jsonl` and scalars to TensorBoard."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        truncate_jsonl(self.jsonl_path, resume_step)
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fgpair_jax import contrastive, parallel
+from fgpair_jax import contrastive, numerics, parallel
 from fgpair_jax.data import augment
 from fgpair_jax.methods import get_method
 from fgpair_jax.models import input_normalization
@@ -28,7 +28,11 @@ def augment_views(rng: jax.Array, batch: dict, config):
 
 def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTransformation,
                steps_per_epoch: int):
-    """state, batch{'view1','view2' uint8} -> (next state, metrics dict of scalars)."""
+    """state, batch{'view1','view2' uint8} -> (next state, metrics dict of scalars).
+
+    A step whose loss or gradients are not finite changes nothing but `step` and `rng`
+    (`numerics.guard_update`); its metrics say so (`finite` False) and the host decides what follows.
+    """
     method = get_method(config.method)
     rng = jax.random.wrap_key_data(state.rng)
     rng, augment_rng, loss_rng = jax.random.split(rng, 3)
@@ -55,7 +59,10 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
         rng=jax.random.key_data(rng),
         extras=aux.get("extras", state.extras),
     )
-    metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = numerics.is_finite_step(aux["metrics"]["loss"], grad_norm)
+    next_state = numerics.guard_update(finite, next_state, state)
+    metrics = dict(aux["metrics"], grad_norm=grad_norm, finite=finite)
     return next_state, metrics
 
 

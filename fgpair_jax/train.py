@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import checkpointing, evaluate, optim, parallel, pretrained, viz
+from fgpair_jax import checkpointing, evaluate, numerics, optim, parallel, preemption, pretrained, viz
 from fgpair_jax import state as state_lib
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
@@ -78,8 +78,9 @@ def restore_latest_state(config, workdir: str, info, mesh):
     return state
 
 
-def _host_batches(config, source, start_step: int):
-    """This process's share of the global batches, positioned at `start_step` (exact resume)."""
+def _host_batches(config, source, data_state=None):
+    """This process's share of the global batches; `data_state` (grain's `get_state()` saved with a
+    checkpoint) puts the iterator back where that checkpoint left it (exact resume)."""
     dataset = pipeline.train_dataset(
         source,
         global_batch_size=config.global_batch_size,
@@ -91,8 +92,8 @@ def _host_batches(config, source, start_step: int):
         crop_scale=(config.data.crop_scale_min, 1.0),
     )
     iterator = iter(dataset)
-    if start_step:
-        iterator.set_state({"next_index": start_step})
+    if data_state is not None:
+        iterator.set_state(data_state)
     return iterator
 
 
@@ -112,32 +113,76 @@ def _epoch_summary(epoch, num_epochs, step, means, rate, elapsed, knn=None) -> s
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate; returns the metrics."""
+    """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate; returns the metrics.
+
+    Returns {} without evaluating when the run was asked to stop (SIGTERM, preemption) after saving.
+    """
+    numerics.check_policy(config.on_nonfinite)
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh()
     sources, info = data_sources.load_sources(config, workdir)
     steps_per_epoch, tx, state = build_run(config, info, mesh, workdir)
     checkpointer = checkpointer_for(config, workdir, state)
+    data_state = None
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
+        data_state = checkpointer.restore_data_state()
         announce(f"Resumed from step {int(state.step)} in {checkpointer.directory}.")
     save_config(config, workdir)
 
+    start_step = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, resume_step=start_step)
+    batches = _host_batches(config, sources["train"], data_state)
+    try:
+        try:
+            with preemption.StopRequests() as stop_requests:
+                state, stopped = _train_loop(config, state, batches, tx, mesh, steps_per_epoch, sources, info,
+                                             checkpointer, writer, stop_requests)
+        finally:
+            checkpointer.close()  # waits for pending saves: never leave a half-written latest checkpoint
+        if stopped:
+            return {}
+        metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
+        writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+    finally:
+        writer.close()
+    figures = viz.write_figures(config, workdir, state, sources["test"])
+    if figures:
+        announce(f"Figures: {', '.join(figures)}")
+    announce("Evaluation (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in HEADLINE_METRICS))
+    announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
+    return metrics
+
+
+def _train_loop(config, state, batches, tx, mesh, steps_per_epoch, sources, info, checkpointer, writer,
+                stop_requests):
+    """Steps from `state.step` to the end; returns (final state, whether a stop request ended it early).
+
+    Checkpoints every `checkpoint_every_steps`, at every epoch end, at the end and when asked to stop;
+    a step's non-finite flag is checked before anything after it is saved (`numerics.py`).
+    """
     total_steps = config.num_epochs * steps_per_epoch
     start_step = int(jax.device_get(state.step))
     train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch)
-    writer = MetricsWriter(workdir)
     progress = Progress(total_steps, start_step, config.global_batch_size)
     feature_fn = evaluate.make_feature_fn(config, mesh)
-    batches = _host_batches(config, sources["train"], start_step)
+    latest = checkpointer.latest_step()
+    nonfinite = numerics.NonfiniteMonitor(config.on_nonfinite, "no checkpoint yet" if latest is None else
+                                          f"latest checkpoint: step {latest} in {checkpointer.directory}")
     announce(f"Training {config.method} / {config.model.name} at {config.data.image_size} px: "
              f"{info.split_sizes['train']} train images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
              f"global batch {config.global_batch_size} on {mesh.devices.size} device(s), queue {state.queue.shape[0]}.")
+
+    def save(step, force=False):
+        nonfinite.flush()
+        checkpointer.save(step, state, batches.get_state(), force=force)
+        nonfinite.checkpoint_hint = f"latest checkpoint: step {step} in {checkpointer.directory}"
 
     start_time, epoch_metrics = time.perf_counter(), []
     epoch_start_time, epoch_start_step = start_time, start_step
     for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
+        nonfinite.observe(step, metrics)
         epoch_metrics.append(metrics)
         if step % config.log_every_steps == 0 or step == total_steps:
             scalars = jax.device_get(metrics)
@@ -154,22 +199,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             progress.write(_epoch_summary(epoch, config.num_epochs, step, means, rate, now - start_time, knn))
             epoch_metrics, epoch_start_time, epoch_start_step = [], time.perf_counter(), step
         if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
-            checkpointer.save(step, state)
-        if checkpointer.reached_preemption(step):
-            checkpointer.save(step, state, force=True)
-            checkpointer.close()
-            announce(f"Preempted at step {step}: checkpoint saved; rerun the same command to resume.")
-            return {}
+            save(step)
+        reason = stop_requests.reason(checkpointer, step)
+        if reason:
+            save(step, force=True)
+            progress.close()
+            announce(f"Stopped by {reason} at step {step}: checkpoint saved; rerun the same command to resume.")
+            return state, True
+    nonfinite.flush()
     progress.close()
-    checkpointer.save(total_steps, state, force=True)
-    checkpointer.close()
-
-    metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
-    writer.write_scalars(total_steps, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
-    writer.close()
-    figures = viz.write_figures(config, workdir, state, sources["test"])
-    if figures:
-        announce(f"Figures: {', '.join(figures)}")
-    announce("Evaluation (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in HEADLINE_METRICS))
-    announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
-    return metrics
+    if nonfinite.skipped_steps:
+        announce(f"Skipped {len(nonfinite.skipped_steps)} non-finite step(s): {nonfinite.skipped_steps[:20]}.")
+    save(total_steps, force=True)
+    return state, False

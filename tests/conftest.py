@@ -1,11 +1,10 @@
 """Shared test fixtures: a tiny config, a tiny CUB-layout folder, the shared subset's location."""
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from configs import cub
+from fgpair_jax.data.synthetic import write_tiny_cub  # noqa: F401  (tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CUB = cub.DEFAULT_CUB_DIR
@@ -25,6 +24,7 @@ def tiny_config(**overrides):
     config.optim.learning_rate = 0.05
     config.num_epochs = 1
     config.eval.batch_size = 16
+    config.eval.knn_k = 3  # tiny folders have 18 train images
     config.log_every_steps = 1
     config.fgpair.decoder_channels = (16, 8)
     config.fgpair.pair_stride = 1
@@ -35,36 +35,6 @@ def tiny_config(**overrides):
             target = target[parent]
         target[leaf] = value
     return config
-
-
-def write_tiny_cub(folder, class_ids=(2, 5, 9), train_per_class=6, test_per_class=3, seed=0):
-    """A CUB_200_2011-layout folder with small coloured JPEGs; class ids have gaps like the subset's.
-
-    Each class has its own dominant colour so that a model can learn something in a few steps.
-    """
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    images, labels, split, classes = [], [], [], []
-    image_id = 0
-    for class_index, class_id in enumerate(class_ids):
-        class_dir = f"{class_id:03d}.Bird_{class_id}"
-        classes.append(f"{class_id} {class_dir}")
-        os.makedirs(os.path.join(folder, "images", class_dir), exist_ok=True)
-        colour = np.array([255 * (class_index == c) for c in range(3)], np.float32)
-        for i in range(train_per_class + test_per_class):
-            image_id += 1
-            noise = rng.normal(0, 40, (40 + 4 * i, 48, 3))
-            pixels = np.clip(0.6 * colour + noise + 50, 0, 255).astype(np.uint8)
-            name = f"{class_dir}/Bird_{class_id}_{i:04d}.jpg"
-            Image.fromarray(pixels).save(os.path.join(folder, "images", name), quality=90)
-            images.append(f"{image_id} {name}")
-            labels.append(f"{image_id} {class_id}")
-            split.append(f"{image_id} {int(i < train_per_class)}")
-    for file_name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
-                             ("train_test_split.txt", split), ("classes.txt", classes)):
-        with open(os.path.join(folder, file_name), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return folder
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_save_restore_then_next_step_is_identical(tmp_path, compiled):
         state, _ = train_step(state, parallel.global_batch(batch_of(config, images, index), mesh))
 
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "ckpt"), 2, checkpointing.fingerprint(config, state))
-    checkpointer.save(2, state)
+    checkpointer.save(2, state, {"next_index": 2})
     checkpointer.close()
     next_batch = parallel.global_batch(batch_of(config, images, 2), mesh)
     reference_next, reference_metrics = train_step(state, next_batch)
@@ -91,7 +91,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, com
     state = fresh_state(config, mesh, tx)
     directory = str(tmp_path / "ckpt")
     checkpointer = checkpointing.Checkpointer(directory, 2, checkpointing.fingerprint(config, state))
-    checkpointer.save(0, state)
+    checkpointer.save(0, state, {"next_index": 0})
     checkpointer.close()
     before = sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs)
     sizes = [os.path.getsize(p) for p in before]

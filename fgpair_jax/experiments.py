@@ -1,0 +1,214 @@
+"""The comparison table: methods x seeds under one budget, resumable, with a Markdown table and a plot.
+
+    python -m fgpair_jax.experiments --config=configs/cub.py:quick --arms=moco,lcr,fgpair,variance,gradcam,random \
+        --seeds=0,1,2 --root=workdirs/table --results=results/table_quick_cpu
+
+Every run gets the same config except its arm's overrides (`ARMS`) and its seed, so budget, image size,
+init and augmentations are equal by construction. A run's workdir is `<root>/<arm>_seed<s>`: a half-done
+run resumes from its checkpoint, a finished one (its `<results>/runs/<arm>_seed<s>.json` exists) is not
+run again, so the experiment can be spread over several sessions or machines sharing `--results`.
+The summary gives, per arm, the mean and 95% confidence interval (Student t over seeds) of each metric
+and, for arms run with the same seeds as `moco`, the paired gain over `moco` with its interval.
+Nothing here chooses hyper-parameters: the test split is read once per run, by its final evaluation.
+"""
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fgpair_jax.metrics_writer import announce
+from fgpair_jax.train import HEADLINE_METRICS
+
+# arm -> config overrides (dotted keys). The ablations change only which dimensions fgpair perturbs.
+ARMS = {
+    "moco": {"method": "moco"},
+    "lcr": {"method": "lcr"},
+    "fgpair": {"method": "fgpair", "fgpair.criterion": "both"},
+    "variance": {"method": "fgpair", "fgpair.criterion": "variance"},
+    "gradcam": {"method": "fgpair", "fgpair.criterion": "gradcam"},
+    "random": {"method": "fgpair", "fgpair.criterion": "random"},
+    "none": {"method": "fgpair", "fgpair.criterion": "none"},
+}
+BASELINE = "moco"
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cub.py:quick", "Base config of every run.",
+                                          lock_config=False)
+_ARMS = flags.DEFINE_list("arms", ["moco", "lcr", "fgpair", "variance", "gradcam", "random"], "Arms to run.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
+_ROOT = flags.DEFINE_string("root", "workdirs/table", "Parent of the runs' workdirs (checkpoints, logs).")
+_RESULTS = flags.DEFINE_string("results", "results/table", "Where per-run JSONs, the table and the plot go.")
+_SUMMARY_ONLY = flags.DEFINE_bool("summary_only", False, "Only rebuild the table and plot from finished runs.")
+
+
+def arm_config(base, arm: str, seed: int):
+    """`base` with the arm's overrides and `seed`; an unknown arm is a one-line error."""
+    if arm not in ARMS:
+        raise ValueError(f"Unknown arm {arm!r}; choose from {sorted(ARMS)}.")
+    config = base.copy_and_resolve_references()
+    for key, value in {**ARMS[arm], "seed": seed}.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_seed{seed}"
+
+
+def run_one(base, arm: str, seed: int, root: str, results: str) -> dict:
+    """Train + evaluate one arm/seed (resuming) unless its result JSON exists; returns that record."""
+    path = os.path.join(results, "runs", run_name(arm, seed) + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    from fgpair_jax import train  # heavy: imported only when something must run
+
+    config = arm_config(base, arm, seed)
+    started = time.perf_counter()
+    metrics = train.train_and_evaluate(config, os.path.join(root, run_name(arm, seed)))
+    if not metrics:  # stopped by SIGTERM / preemption: the checkpoint is saved, nothing to record yet
+        raise SystemExit(f"{run_name(arm, seed)} was stopped before finishing; rerun to resume it.")
+    record = {"arm": arm, "seed": seed, "overrides": ARMS[arm], "metrics": metrics,
+              "wall_seconds_this_session": round(time.perf_counter() - started, 1),
+              "config": json.loads(config.to_json_best_effort())}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+    return record
+
+
+def load_records(results: str) -> list:
+    directory = os.path.join(results, "runs")
+    if not os.path.isdir(directory):
+        return []
+    records = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json"):
+            with open(os.path.join(directory, name)) as f:
+                records.append(json.load(f))
+    return records
+
+
+def mean_and_interval(values) -> tuple:
+    """(mean, half-width of the two-sided 95% Student-t interval); the half-width is NaN for one value."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def summarize(records: list) -> dict:
+    """Per arm: seeds, mean and 95% CI of each headline metric, and the seed-paired gain over moco."""
+    by_arm = {}
+    for record in records:
+        by_arm.setdefault(record["arm"], {})[record["seed"]] = record["metrics"]
+    baseline = by_arm.get(BASELINE, {})
+    summary = {}
+    for arm in [a for a in ARMS if a in by_arm]:
+        runs = by_arm[arm]
+        seeds = sorted(runs)
+        entry = {"seeds": seeds, "metrics": {}, "gain_over_moco": {}}
+        for metric in HEADLINE_METRICS:
+            entry["metrics"][metric] = mean_and_interval([runs[s][metric] for s in seeds])
+            paired = [s for s in seeds if s in baseline]
+            if arm != BASELINE and paired:
+                gains = [runs[s][metric] - baseline[s][metric] for s in paired]
+                entry["gain_over_moco"][metric] = (*mean_and_interval(gains), len(paired))
+        summary[arm] = entry
+    return summary
+
+
+def _cell(mean: float, half: float) -> str:
+    return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """The table: one row per arm, mean ± 95% CI per metric, then the paired gains over moco."""
+    names = {"linear_top1": "linear top-1", "retrieval_rank1": "R@1", "retrieval_rank5": "R@5",
+             "retrieval_map": "mAP", "knn_top1": "kNN top-1"}
+    header = "| arm | seeds | " + " | ".join(names[m] for m in HEADLINE_METRICS) + " |"
+    lines = [header, "|" + " --- |" * (len(HEADLINE_METRICS) + 2)]
+    for arm, entry in summary.items():
+        cells = [_cell(*entry["metrics"][m]) for m in HEADLINE_METRICS]
+        lines.append(f"| {arm} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+    gains = {arm: e["gain_over_moco"] for arm, e in summary.items() if e["gain_over_moco"]}
+    if gains:
+        lines += ["", "Gain over moco, paired by seed (mean ± 95% CI, points):", "",
+                  "| arm | paired seeds | " + " | ".join(names[m] for m in HEADLINE_METRICS) + " |",
+                  "|" + " --- |" * (len(HEADLINE_METRICS) + 2)]
+        for arm, gain in gains.items():
+            count = next(iter(gain.values()))[2]
+            lines.append(f"| {arm} | {count} | " + " | ".join(_cell(*gain[m][:2]) for m in HEADLINE_METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+    """Bar chart: linear top-1 and retrieval rank-1 per arm with 95% CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, metric, title in zip(axes, ("linear_top1", "retrieval_rank1"), ("linear probe top-1 (%)",
+                                                                             "retrieval rank-1 (%)")):
+        means = [summary[a]["metrics"][metric][0] for a in arms]
+        errors = [np.nan_to_num(summary[a]["metrics"][metric][1]) for a in arms]
+        axis.bar(arms, means, yerr=errors, capsize=4, color=["#888" if a == BASELINE else "#3a7" for a in arms])
+        low = min(m - e for m, e in zip(means, errors))
+        axis.set_ylim(max(0.0, low - 3), max(m + e for m, e in zip(means, errors)) + 2)
+        axis.set_title(title)
+        axis.tick_params(axis="x", rotation=30)
+    fig.suptitle("CUB subset, mean ± 95% CI over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: str) -> dict:
+    """summary.json, table.md and plot.png under `results` from every finished run there."""
+    summary = summarize(load_records(results))
+    if not summary:
+        return summary
+    with open(os.path.join(results, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(results, "table.md"), "w") as f:
+        f.write(markdown_table(summary))
+    plot(summary, os.path.join(results, "plot.png"))
+    return summary
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    seeds = [int(s) for s in _SEEDS.value]
+    unknown = [a for a in _ARMS.value if a not in ARMS]
+    if unknown:
+        raise app.UsageError(f"Unknown arm(s) {unknown}; choose from {sorted(ARMS)}.")
+    os.makedirs(_RESULTS.value, exist_ok=True)
+    if not _SUMMARY_ONLY.value:
+        for seed in seeds:  # seed-major: a partial experiment still has every arm for the first seeds
+            for arm in _ARMS.value:
+                announce(f"=== {run_name(arm, seed)} ===")
+                run_one(_CONFIG.value, arm, seed, _ROOT.value, _RESULTS.value)
+                write_report(_RESULTS.value)
+    summary = write_report(_RESULTS.value)
+    if summary:
+        print(markdown_table(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,64 @@
+"""The comparison-table runner: arm configs, resumable records, intervals, paired gains, the report."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import cub
+from fgpair_jax import experiments
+from fgpair_jax.train import HEADLINE_METRICS
+
+
+def record(arm, seed, value):
+    return {"arm": arm, "seed": seed, "metrics": {m: value for m in HEADLINE_METRICS}}
+
+
+def test_arms_change_only_method_criterion_and_seed():
+    base = cub.get_config("quick")
+    for arm in experiments.ARMS:
+        config = experiments.arm_config(base, arm, seed=7)
+        assert config.seed == 7
+        assert config.num_epochs == base.num_epochs and config.data.image_size == base.data.image_size
+        assert config.model.init == base.model.init and config.global_batch_size == base.global_batch_size
+    assert experiments.arm_config(base, "variance", 0).fgpair.criterion == "variance"
+    assert experiments.arm_config(base, "moco", 0).method == "moco"
+    assert base.seed == 0 and base.method == "fgpair"  # the base is not modified
+    with pytest.raises(ValueError, match="Unknown arm 'simsiam'"):
+        experiments.arm_config(base, "simsiam", 0)
+
+
+def test_interval_is_the_student_t_interval():
+    mean, half = experiments.mean_and_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    np.testing.assert_allclose(half, 4.302652729911275 * 1.0 / np.sqrt(3))  # t(0.975, 2) * s / sqrt(n)
+    assert np.isnan(experiments.mean_and_interval([5.0])[1])
+
+
+def test_gain_over_moco_is_paired_by_seed():
+    records = [record("moco", 0, 50.0), record("moco", 1, 60.0), record("moco", 2, 70.0),
+               record("fgpair", 0, 52.0), record("fgpair", 1, 63.0), record("fgpair", 2, 71.0),
+               record("lcr", 5, 80.0)]  # no seed shared with moco: no gain
+    summary = experiments.summarize(records)
+    gain_mean, gain_half, paired = summary["fgpair"]["gain_over_moco"]["linear_top1"]
+    assert paired == 3 and gain_mean == pytest.approx(2.0)
+    np.testing.assert_allclose(gain_half, experiments.mean_and_interval([2.0, 3.0, 1.0])[1])
+    assert summary["lcr"]["gain_over_moco"] == {} and summary["moco"]["gain_over_moco"] == {}
+    table = experiments.markdown_table(summary)
+    assert "| fgpair | 3 | 62.00 ± " in table and "| lcr | 1 | 80.00 |" in table and "Gain over moco" in table
+
+
+def test_finished_runs_are_not_run_again_and_the_report_is_written(tmp_path):
+    results = str(tmp_path / "results")
+    os.makedirs(os.path.join(results, "runs"))
+    for arm, seed, value in (("moco", 0, 40.0), ("moco", 1, 42.0), ("fgpair", 0, 41.0), ("fgpair", 1, 45.0)):
+        with open(os.path.join(results, "runs", f"{arm}_seed{seed}.json"), "w") as f:
+            json.dump(record(arm, seed, value), f)
+    # Finished: returns the stored record without importing or running any training.
+    again = experiments.run_one(cub.get_config("quick"), "fgpair", 1, str(tmp_path / "root"), results)
+    assert again["metrics"]["linear_top1"] == 45.0 and not os.path.exists(tmp_path / "root")
+    summary = experiments.write_report(results)
+    assert summary["fgpair"]["gain_over_moco"]["retrieval_rank1"][0] == pytest.approx(2.0)
+    with open(os.path.join(results, "plot.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| moco | 2 | 41.00 ± " in open(os.path.join(results, "table.md")).read()

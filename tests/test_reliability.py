@@ -1,0 +1,169 @@
+"""Reliability: non-finite steps, SIGTERM, kill -9 + resume, determinism, a full disk on save."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config, write_tiny_cub
+from fgpair_jax import checkpointing, numerics, optim, parallel, state as state_lib, step as step_lib, train
+from fgpair_jax.methods import METHODS, moco
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import kill_resume  # noqa: E402
+
+
+def nan_from_step(first_bad_step: int, last_bad_step: int = 10**9) -> types.SimpleNamespace:
+    """MoCo whose loss is NaN while `first_bad_step <= step <= last_bad_step` (1-based steps)."""
+    def loss(params, state, view1, view2, rng, config, *, epoch):
+        total, aux = moco.loss(params, state, view1, view2, rng, config, epoch=epoch)
+        step = state.step + 1
+        bad = (step >= first_bad_step) & (step <= last_bad_step)
+        total = jnp.where(bad, jnp.nan, 1.0) * total
+        aux["metrics"]["loss"] = total
+        return total, aux
+
+    return types.SimpleNamespace(**{name: getattr(moco, name) for name in
+                                    ("MOMENTUM_SUBTREES", "init_variables", "eval_features")}, loss=loss)
+
+
+@pytest.fixture
+def nan_method(monkeypatch):
+    def register(name, *bad_steps):
+        monkeypatch.setitem(METHODS, name, nan_from_step(*bad_steps))
+        return name
+    return register
+
+
+def test_a_nonfinite_step_changes_nothing_but_step_and_rng(nan_method):
+    config = tiny_config(method=nan_method("nan_always", 1))
+    mesh = parallel.make_mesh()
+    tx = optim.make_optimizer(config, steps_per_epoch=10)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    train_step = jax.jit(lambda s, b: step_lib.train_step(s, b, config=config, tx=tx, steps_per_epoch=10))
+    rng = np.random.default_rng(0)
+    shape = (8, 32, 32, 3)
+    batch = {"view1": rng.integers(0, 256, shape, dtype=np.uint8), "view2": rng.integers(0, 256, shape, dtype=np.uint8)}
+    before = jax.device_get(state)
+    after, metrics = jax.device_get(train_step(state, batch))
+    assert not metrics["finite"] and np.isnan(metrics["loss"])
+    assert int(after.step) == 1 and not np.array_equal(after.rng, before.rng)
+    for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state", "queue", "queue_pointer"):
+        for a, b in zip(jax.tree.leaves(getattr(after, field)), jax.tree.leaves(getattr(before, field))):
+            np.testing.assert_array_equal(a, b, err_msg=field)
+
+
+def test_nan_stops_the_run_naming_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_path, nan_method):
+    data = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    config = tiny_config(method=nan_method("nan_from_3", 3), **{"data.manual_dir": data, "num_epochs": 3,
+                                                               "checkpoint_every_steps": 1})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(numerics.NonfiniteStepError) as raised:
+        train.train_and_evaluate(config, workdir)
+    message = str(raised.value)
+    assert "\n" not in message and "step 3 (" in message and "loss nan" in message and "grad_norm" in message
+    assert "config.on_nonfinite=skip" in message and "step 2" in message
+    saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    assert saved[-1] == 2, saved  # step 3's state (and anything after it) was never saved
+    leaves = kill_resume.final_state_leaves(workdir)
+    assert all(np.isfinite(v).all() for v in leaves.values() if v.dtype.kind == "f")
+    assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+
+
+def test_skip_policy_skips_nonfinite_steps_finishes_and_saves_the_data_position(tmp_path, nan_method, capsys):
+    data = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    config = tiny_config(method=nan_method("nan_at_2", 2, 2), on_nonfinite="skip",
+                         **{"data.manual_dir": data, "num_epochs": 2})
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0.0 <= metrics["linear_top1"] <= 100.0
+    assert "Skipped 1 non-finite step(s): [2]" in capsys.readouterr().out
+    # Every checkpoint carries the data iterator's position (grain state), equal to its step.
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"), 3, {})
+    steps = checkpointer.manager.all_steps()
+    assert steps and all(checkpointer.restore_data_state(s) == {"next_index": s} for s in steps)
+    checkpointer.close()
+
+
+def test_unknown_nonfinite_policy_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"config.on_nonfinite='ignore': use one of"):
+        train.train_and_evaluate(tiny_config(on_nonfinite="ignore"), str(tmp_path / "run"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=16, test_per_class=2)
+    workdir = str(tmp_path / "run")
+    overrides = ["--config.method=moco", "--config.num_epochs=40", "--config.eval.knn_every_epochs=0",
+                 f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    process = kill_resume.start(workdir, data, overrides, str(tmp_path / "log"))
+    while process.poll() is None and kill_resume.logged_steps(workdir) < 3:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 0
+    log = open(tmp_path / "log").read()
+    stopped = [line for line in log.splitlines() if line.startswith("Stopped by SIGTERM at step ")]
+    assert stopped, log[-2000:]
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert step < 40 * 6 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+    assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+
+
+def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path):
+    """One trial of the kill harness (benchmarks/kill_resume.py runs ten, on fgpair): kill -9 at a random
+    step, rerun to the end, compare every state leaf, the features, metrics.json and the logged losses
+    with an uninterrupted run. Exact equality after a kill also shows the run is deterministic."""
+    summary = kill_resume.run_trials(str(tmp_path), trials=1, seed=1, method="moco", kinds=("kill",),
+                                     max_interruptions=1, replicate=False, log=lambda line: None)
+    result = summary["results"][0]
+    assert result["interruptions"][0]["exit_code"] == -signal.SIGKILL, result  # it really was killed
+    assert result["passed"], result
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 512 KiB tmpfs: a real 'No space left on device'. Needs root (CI and this machine have it)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield str(mount_point)
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_full_disk_on_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_filesystem):
+    small = {"w": jnp.arange(16, dtype=jnp.float32)}
+    large = {"w": jnp.asarray(np.random.default_rng(0).normal(size=300_000), jnp.float32)}  # 1.2 MB
+    fingerprint = {"format_version": checkpointing.FORMAT_VERSION, "shapes": {}}
+    directory = os.path.join(tiny_filesystem, "checkpoints")
+    checkpointer = checkpointing.Checkpointer(directory, 3, fingerprint)
+    checkpointer.save(1, small, {"next_index": 1})
+    checkpointer.manager.wait_until_finished()
+    with pytest.raises(checkpointing.CheckpointWriteError) as raised:
+        checkpointer.save(2, large, {"next_index": 2})
+        checkpointer.close()  # the asynchronous write fails in the background; close re-raises it
+    message = str(raised.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert "Free disk space" in message and "step 1 is intact" in message
+    reopened = checkpointing.Checkpointer(directory, 3, fingerprint)
+    assert reopened.latest_step() == 1
+    np.testing.assert_array_equal(reopened.restore(small)["w"], small["w"])
+    assert reopened.restore_data_state() == {"next_index": 1}
+    reopened.close()
+
+
+def test_resume_truncates_metrics_logged_after_the_checkpoint(tmp_path):
+    from fgpair_jax.metrics_writer import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines + [json.dumps({"step": 2, "eval/linear_top1": 1.0}), '{"step": 5, "lo']))
+    truncate_jsonl(str(path), resume_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
