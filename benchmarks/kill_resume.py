@@ -78,7 +78,7 @@ def interrupt_once(workdir, data_dir, overrides, log_path, rng, how: str, total_
                    compilation_cache="") -> dict:
     """Start the run, wait until training reaches a random step, then `how` ('kill' / 'term') it."""
     process = start(workdir, data_dir, overrides, log_path, compilation_cache)
-    resumed_from = logged_steps(workdir)
+    resumed_from = min(logged_steps(workdir), total_steps - 1)  # killed at the last step: its evaluation
     target = rng.randint(resumed_from + 1, total_steps)
     while process.poll() is None and logged_steps(workdir) < target:
         time.sleep(0.01)
