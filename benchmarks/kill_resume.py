@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fgpair_jax.data.synthetic import write_tiny_cub  # noqa: E402
+from fgpair_jax.metrics_writer import read_jsonl  # noqa: E402
 
 
 def command(workdir: str, data_dir: str, overrides=()) -> list:
@@ -57,16 +58,7 @@ def logged_steps(workdir: str) -> int:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return 0
-    steps = [0]
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in entry:
-                steps.append(entry["step"])
-    return max(steps)
+    return max([0] + [entry["step"] for entry in read_jsonl(path) if "loss" in entry])
 
 
 def saving_now(workdir: str) -> bool:
@@ -105,8 +97,7 @@ def final_state_leaves(workdir: str) -> dict:
 
 
 def training_losses(workdir: str) -> dict:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        entries = [json.loads(line) for line in f]
+    entries = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     return {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}
 
 

@@ -18,6 +18,18 @@ def announce(message: str) -> None:
         print(message, flush=True)
 
 
+def read_jsonl(path: str) -> list:
+    """The entries of a metrics.jsonl file; a line cut short by a killed process is skipped."""
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return entries
+
+
 def truncate_jsonl(path: str, resume_step: int) -> None:
     """Keep only the training lines of steps <= `resume_step` (atomically).
 
@@ -27,18 +39,11 @@ def truncate_jsonl(path: str, resume_step: int) -> None:
     """
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if entry.get("step", 0) <= resume_step and not any(k.startswith("eval/") for k in entry):
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [entry for entry in read_jsonl(path)
+            if entry.get("step", 0) <= resume_step and not any(k.startswith("eval/") for k in entry)]
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(entry) + "\n" for entry in kept)
     os.replace(temporary, path)
 
 
