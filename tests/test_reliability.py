@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config, write_tiny_cub
-from fgpair_jax import checkpointing, numerics, optim, parallel, state as state_lib, step as step_lib, train
+from fgpair_jax import checkpointing, numerics, optim, state as state_lib, step as step_lib, train
 from fgpair_jax.methods import METHODS, moco
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -44,7 +44,6 @@ def nan_method(monkeypatch):
 
 def test_a_nonfinite_step_changes_nothing_but_step_and_rng(nan_method):
     config = tiny_config(method=nan_method("nan_always", 1))
-    mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config, steps_per_epoch=10)
     state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
     train_step = jax.jit(lambda s, b: step_lib.train_step(s, b, config=config, tx=tx, steps_per_epoch=10))
