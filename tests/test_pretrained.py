@@ -194,9 +194,63 @@ def test_cache_converts_once_and_follows_source_changes(tmp_path, monkeypatch):
     assert len(os.listdir(cache)) == 2
 
 
-def test_imagenet_init_is_only_for_efficientnet_lite0(tmp_path):
-    with pytest.raises(ValueError, match="ships only efficientnet_lite0 weights here, not 'resnet50'"):
-        pretrained.load_pretrained("imagenet", config("resnet50"), str(tmp_path))
+def test_imagenet_init_names_the_models_it_has_weights_for(tmp_path):
+    with pytest.raises(ValueError, match="has weights for efficientnet_lite0 and .*'resnet50'.*not 'resnet_tiny'"):
+        pretrained.load_pretrained("imagenet", config("resnet_tiny"), str(tmp_path))
+
+
+def _no_download(url, destination):
+    raise AssertionError(f"downloaded {url} although it was cached")
+
+
+def test_imagenet_resnet_is_taken_from_torchvisions_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"placed by the user")
+    monkeypatch.setattr(pretrained, "_download", _no_download)
+    assert pretrained.torchvision_checkpoint_path("resnet50") == str(cached)
+
+
+def test_failed_imagenet_resnet_download_is_a_one_line_error_naming_url_and_folder(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, destination):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(pretrained, "_download", offline)
+    with pytest.raises(pretrained.CheckpointError) as error:
+        pretrained.load_pretrained("imagenet", config("resnet50"), str(tmp_path / "cache"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "name resolution" in message and "--config.model.init=" in message
+
+
+def test_downloaded_imagenet_resnet_with_a_wrong_hash_is_set_aside(tmp_path, monkeypatch):
+    def corrupt(url, destination):
+        with open(destination, "wb") as f:
+            f.write(b"an HTML error page, not a checkpoint")
+
+    monkeypatch.setattr(pretrained, "_download", corrupt)
+    with pytest.raises(pretrained.CheckpointError, match="SHA-256 prefix [0-9a-f]{8}, not f37072fd"):
+        pretrained.torchvision_checkpoint_path("resnet18", str(tmp_path))
+    assert os.listdir(tmp_path) == ["resnet18-f37072fd.pth.corrupt"]  # never mistaken for the weights later
+
+
+def test_download_writes_the_whole_file_under_its_final_name_only_at_the_end(tmp_path):
+    source = tmp_path / "served.bin"
+    source.write_bytes(os.urandom(3 << 20))  # several read blocks
+    destination = tmp_path / "out" / "weights.pth"
+    destination.parent.mkdir()
+    pretrained._download(source.as_uri(), str(destination))
+    assert destination.read_bytes() == source.read_bytes()
+    assert os.listdir(destination.parent) == ["weights.pth"]
+    with pytest.raises(Exception):
+        pretrained._download((tmp_path / "missing.bin").as_uri(), str(tmp_path / "out" / "other.pth"))
+    assert os.listdir(destination.parent) == ["weights.pth"]  # no partial file left behind
 
 
 def make_torch_resnet(depth, num_classes):
