@@ -31,6 +31,10 @@ ARMS = {
     "gradcam": {"method": "fgpair", "fgpair.criterion": "gradcam"},
     "random": {"method": "fgpair", "fgpair.criterion": "random"},
     "none": {"method": "fgpair", "fgpair.criterion": "none"},
+    # Reference, not a method: the initial encoder evaluated without a single SSL step (same evaluation).
+    # The distance from `init` to `moco` is what the SSL budget buys; differences between methods
+    # cannot be larger than what training moves at all.
+    "init": {"method": "moco", "num_epochs": 0},
 }
 BASELINE = "moco"
 

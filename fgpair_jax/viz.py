@@ -4,7 +4,6 @@ They are how a person checks the method is doing what it claims: Grad-CAM should
 reconstructions should look like birds, and perturbed renderings should differ from them only in
 details the encoder is asked to ignore.
 """
-import json
 import os
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from fgpair_jax import gradcam, synthesis  # noqa: E402
 from fgpair_jax.data import augment, pipeline  # noqa: E402
+from fgpair_jax.metrics_writer import read_jsonl  # noqa: E402
 from fgpair_jax.methods import fgpair, moco  # noqa: E402
 from fgpair_jax.models import input_normalization  # noqa: E402
 
@@ -85,11 +85,13 @@ def save_pair_grid(images: np.ndarray, reconstructions: np.ndarray, perturbed: n
     plt.close(fig)
 
 
-def save_loss_curves(metrics_jsonl: str, path: str) -> None:
-    """Each loss term against the step, from the run's metrics.jsonl."""
-    with open(metrics_jsonl) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+def save_loss_curves(metrics_jsonl: str, path: str) -> bool:
+    """Each loss term against the step, from the run's metrics.jsonl; False (nothing written) when no
+    step was logged, e.g. a run of zero epochs."""
+    records = read_jsonl(metrics_jsonl)
     names = [n for n in LOSS_CURVES if any(n in r for r in records)]
+    if not names:
+        return False
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         points = [(r["step"], r[name]) for r in records if name in r]
@@ -99,6 +101,7 @@ def save_loss_curves(metrics_jsonl: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def write_figures(config, workdir: str, state, test_source, num_images: int = 8, stats_images: int = 64) -> list:
@@ -123,7 +126,7 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
         save_pair_grid(shown, to_uint8_image(arrays["reconstruction"][:num_images], config.model),
                        to_uint8_image(arrays["perturbed"][:num_images], config.model), written[-1])
     metrics_jsonl = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics_jsonl):
-        written.append(os.path.join(directory, "loss_curves.png"))
-        save_loss_curves(metrics_jsonl, written[-1])
+    curves = os.path.join(directory, "loss_curves.png")
+    if os.path.exists(metrics_jsonl) and save_loss_curves(metrics_jsonl, curves):
+        written.append(curves)
     return written

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import cub
+from conftest import tiny_config
 from fgpair_jax import experiments
 from fgpair_jax.train import HEADLINE_METRICS
 
@@ -19,7 +20,8 @@ def test_arms_change_only_method_criterion_and_seed():
     for arm in experiments.ARMS:
         config = experiments.arm_config(base, arm, seed=7)
         assert config.seed == 7
-        assert config.num_epochs == base.num_epochs and config.data.image_size == base.data.image_size
+        assert config.num_epochs == (0 if arm == "init" else base.num_epochs)
+        assert config.data.image_size == base.data.image_size
         assert config.model.init == base.model.init and config.global_batch_size == base.global_batch_size
     assert experiments.arm_config(base, "variance", 0).fgpair.criterion == "variance"
     assert experiments.arm_config(base, "moco", 0).method == "moco"
@@ -62,3 +64,13 @@ def test_finished_runs_are_not_run_again_and_the_report_is_written(tmp_path):
     with open(os.path.join(results, "plot.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| moco | 2 | 41.00 ± " in open(os.path.join(results, "table.md")).read()
+
+
+def test_init_arm_evaluates_the_untrained_encoder(tiny_cub, tmp_path):
+    """The reference row: zero SSL steps, the same evaluation, recorded like every other run."""
+    base = tiny_config(**{"data.manual_dir": tiny_cub, "data.data_dir": str(tmp_path / "tfds")})
+    results = str(tmp_path / "results")
+    record = experiments.run_one(base, "init", 0, str(tmp_path / "root"), results)
+    assert record["metrics"]["step"] == 0 and record["config"]["num_epochs"] == 0
+    assert set(HEADLINE_METRICS) <= set(record["metrics"])
+    assert os.path.exists(os.path.join(results, "runs", "init_seed0.json"))
