@@ -36,6 +36,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.image_size = 224  # training and evaluation resolution (paper: 224)
     c.data.crop_scale_min = 0.2  # RandomResizedCrop lower area bound (MoCo v2: 0.2)
     c.data.eval_crop_fraction = 0.875  # eval: resize to size/0.875 then centre crop (224 <- 256)
+    c.data.eval_split = "test"  # test (final runs) | val: tune on a held-out part of train, never on test
+    c.data.val_fraction = 0.1  # eval_split=val: share of each class of train held out (fixed draw)
     c.data.worker_count = 0  # grain worker processes decoding on the host (0 = in the main process)
 
     c.augment = ml_collections.ConfigDict()  # photometric, on device (MoCo v2 values)

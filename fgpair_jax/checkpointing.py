@@ -34,15 +34,28 @@ def fingerprint(config, state) -> dict:
         "method": config.method,
         "model": config.model.name,
         "image_size": config.data.image_size,
+        "trained_on": _trained_on(config),
         "shapes": shapes,
     }
 
 
+ALL_OF_TRAIN = "all of train"
+
+
+def _trained_on(config) -> str:
+    """Which images SSL trains on: a run tuned on a held-out part of train must not resume as a final run."""
+    if config.data.eval_split == "val":
+        return f"train minus a {config.data.val_fraction} validation part"
+    return ALL_OF_TRAIN
+
+
 def describe_mismatch(saved: dict, expected: dict) -> Optional[str]:
     """The first difference between two fingerprints in words, or None when they agree."""
-    for key in ("format_version", "method", "model", "image_size"):
-        if saved.get(key) != expected.get(key):
-            return f"{key} is {saved.get(key)!r} in the checkpoint but {expected.get(key)!r} in the config"
+    defaults = {"trained_on": ALL_OF_TRAIN}  # checkpoints written before the key existed
+    for key in ("format_version", "method", "model", "image_size", "trained_on"):
+        if saved.get(key, defaults.get(key)) != expected.get(key):
+            return (f"{key} is {saved.get(key, defaults.get(key))!r} in the checkpoint but {expected.get(key)!r} "
+                    "in the config")
     saved_shapes, expected_shapes = saved.get("shapes", {}), expected["shapes"]
     for name, shape in expected_shapes.items():
         if name not in saved_shapes:

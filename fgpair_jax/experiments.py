@@ -10,6 +10,8 @@ run again, so the experiment can be spread over several sessions or machines sha
 The summary gives, per arm, the mean and 95% confidence interval (Student t over seeds) of each metric
 and, for arms run with the same seeds as `moco`, the paired gain over `moco` with its interval.
 Nothing here chooses hyper-parameters: the test split is read once per run, by its final evaluation.
+To tune, run the same command with `--config.data.eval_split=val` and another `--results`: every run
+then trains on train minus a fixed class-stratified part and is scored on that part (`data/splits.py`).
 """
 import json
 import os

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fgpair_jax.evaluation.knn import knn_top1
-from fgpair_jax.evaluation.linear_probe import _fit_softmax_regression, linear_probe, stratified_split
+from fgpair_jax.data.splits import stratified_split
+from fgpair_jax.evaluation.linear_probe import _fit_softmax_regression, linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ signature of `cub.load_cub_sources` to `LOADERS`.
 """
 import os
 
-from fgpair_jax.data import cub
+from fgpair_jax.data import cub, splits
 
 LOADERS = {"cub": cub.load_cub_sources}
 
@@ -16,7 +16,15 @@ def resolve_data_dir(config, workdir: str) -> str:
 
 
 def load_sources(config, workdir: str):
-    """(split -> random-access source, info) for the configured data set, built on first use."""
+    """(split -> random-access source, info) for the configured data set, built on first use.
+
+    "train" is what SSL trains on and "test" is what evaluation scores: the test split, or with
+    `config.data.eval_split = "val"` a held-out part of train (`splits.with_validation_as_eval`).
+    """
     if config.data.name not in LOADERS:
         raise ValueError(f"Unknown config.data.name={config.data.name!r}; choose one of {sorted(LOADERS)}.")
-    return LOADERS[config.data.name](config.data.manual_dir, resolve_data_dir(config, workdir))
+    splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
+    sources, info = LOADERS[config.data.name](config.data.manual_dir, resolve_data_dir(config, workdir))
+    if config.data.eval_split == "val":
+        sources, info = splits.with_validation_as_eval(sources, info, config.data.val_fraction)
+    return sources, info

@@ -21,27 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fgpair_jax.data.splits import stratified_split
 from fgpair_jax.evaluation.retrieval import check_features_and_labels, check_train_test, l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit_indices, val_indices) of `labels`: round(val_fraction * n_c) of each class to validation.
-
-    At least one image per class stays in the fit part (a class of one image is never validated).
-    Both index arrays are sorted; the draw depends only on `labels`, `val_fraction` and `seed`.
-    """
-    rng = np.random.default_rng(seed)
-    val_parts = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        num_val = min(int(round(val_fraction * members.size)), members.size - 1)
-        val_parts.append(rng.permutation(members)[:num_val])
-    val_indices = np.sort(np.concatenate(val_parts)).astype(np.int64)
-    fit_indices = np.setdiff1d(np.arange(labels.size), val_indices)
-    return fit_indices, val_indices
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))

@@ -1,0 +1,70 @@
+"""Validation splits carved from train: stratified, fixed, disjoint from what SSL trains on, and the
+test split out of reach when tuning (config.data.eval_split = "val")."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fgpair_jax import checkpointing
+from fgpair_jax.data import splits
+from fgpair_jax.data.cub import CubSourceInfo
+
+
+def fake_train(labels):
+    return [{"label": label, "image_id": i} for i, label in enumerate(labels)]
+
+
+def fake_info(train_size, test_size):
+    return CubSourceInfo(num_classes=3, class_ids=(1, 2, 3), class_names=("a", "b", "c"),
+                         split_sizes={"train": train_size, "test": test_size},
+                         skipped_files={"train": (), "test": ()}, builder_dir="/nowhere")
+
+
+def test_validation_as_eval_is_a_stratified_part_of_train_and_drops_the_test_split():
+    labels = np.repeat([0, 1, 2], [10, 20, 1])
+    train = fake_train(labels)
+    test = [{"label": 0, "image_id": -1}]  # must never appear
+    sources, info = splits.with_validation_as_eval({"train": train, "test": test}, fake_info(31, 1), 0.1)
+    fit_ids = {sources["train"][i]["image_id"] for i in range(len(sources["train"]))}
+    val_ids = {sources["test"][i]["image_id"] for i in range(len(sources["test"]))}
+    assert fit_ids.isdisjoint(val_ids) and fit_ids | val_ids == set(range(31))
+    val_labels = [train[i]["label"] for i in val_ids]
+    assert [val_labels.count(c) for c in range(3)] == [1, 2, 0]  # round(0.1 n_c); a singleton class is kept
+    assert info.split_sizes == {"train": 28, "test": 3}
+    again, _ = splits.with_validation_as_eval({"train": train, "test": test}, fake_info(31, 1), 0.1)
+    assert [again["test"][i]["image_id"] for i in range(3)] == [sources["test"][i]["image_id"] for i in range(3)]
+
+
+def test_bad_eval_split_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"eval_split='validation'; use 'test' .* or 'val'"):
+        splits.check_eval_split("validation", 0.1)
+    with pytest.raises(ValueError, match=r"val_fraction=1.0 must lie strictly between 0 and 1"):
+        splits.check_eval_split("val", 1.0)
+    splits.check_eval_split("test", 5.0)  # the fraction only matters when tuning
+
+
+def test_a_tuning_checkpoint_does_not_resume_as_a_final_run():
+    tuning, final = tiny_config(**{"data.eval_split": "val"}), tiny_config()
+    shapes = {"shapes": {"params": [1]}}
+    saved = {**checkpointing.fingerprint(tuning, {}), **shapes}
+    expected = {**checkpointing.fingerprint(final, {}), **shapes}
+    assert "trained_on is 'train minus a 0.1 validation part'" in checkpointing.describe_mismatch(saved, expected)
+    older = {k: v for k, v in expected.items() if k != "trained_on"}  # written before the key existed
+    assert checkpointing.describe_mismatch(older, expected) is None
+
+
+def test_tuning_run_evaluates_on_the_held_out_part_of_train(tiny_cub, tmp_path):
+    from fgpair_jax import train
+
+    config = tiny_config(**{"data.manual_dir": tiny_cub, "data.data_dir": str(tmp_path / "tfds"),
+                            "data.eval_split": "val", "data.val_fraction": 0.34, "method": "moco"})
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0.0 <= metrics["linear_top1"] <= 100.0
+    with np.load(os.path.join(tmp_path, "run", "eval", "features.npz")) as saved:
+        # 18 train images, 3 classes of 6: 2 per class held out, the other 12 train the probe and SSL.
+        assert saved["test_labels"].shape == (6,) and saved["train_labels"].shape == (12,)
+        assert np.bincount(saved["test_labels"]).tolist() == [2, 2, 2]
+    with open(os.path.join(tmp_path, "run", "config.json")) as f:
+        assert json.load(f)["data"]["eval_split"] == "val"
