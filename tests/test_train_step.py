@@ -125,3 +125,27 @@ def test_ssl_loss_falls_on_tiny_data(compiled):
     # From step 2 on the queue holds real keys; compare an early and a late window.
     early, late = np.mean(losses[2:12]), np.mean(losses[-10:])
     assert late < early - 0.5, (early, late, losses)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_tracks_the_float32_loss():
+    """What accelerator users run (`model.dtype=bfloat16`): every fgpair loss term (L_C, L_R, L_Cp, so
+    Grad-CAM and the decoder too) finite and within bf16 rounding of the float32 step's, parameters
+    and optimiser state kept in float32."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(method="fgpair", **{"model.dtype": dtype, "fgpair.warmup_epochs": 0,
+                                               "fgpair.ramp_epochs": 0})
+        mesh = parallel.make_mesh()
+        tx = optim.make_optimizer(config, steps_per_epoch=1000)
+        train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
+        state = fresh_state(config, mesh, tx)
+        batch = parallel.global_batch(batch_of(config, patterned_images(0, 8, 32), 0), mesh)
+        state, metrics = train_step(state, batch)
+        results[dtype] = jax.device_get(metrics)
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state))
+                  if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)}
+        assert dtypes == {np.dtype("float32")}, dtypes
+    for name, reference in results["float32"].items():
+        if name.startswith("loss"):
+            assert np.isfinite(results["bfloat16"][name]), name
+            np.testing.assert_allclose(results["bfloat16"][name], reference, rtol=0.05, err_msg=name)
