@@ -13,6 +13,7 @@ Nothing here chooses hyper-parameters: the test split is read once per run, by i
 To tune, run the same command with `--config.data.eval_split=val` and another `--results`: every run
 then trains on train minus a fixed class-stratified part and is scored on that part (`data/splits.py`).
 """
+import itertools
 import json
 import os
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgpair_jax.evaluation.similarity import linear_cka
 from fgpair_jax.metrics_writer import announce
 from fgpair_jax.train import HEADLINE_METRICS
 
@@ -183,8 +185,50 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: str) -> dict:
-    """summary.json, table.md and plot.png under `results` from every finished run there."""
+def finished_features(root: str) -> dict:
+    """{(arm, seed): path of eval/features.npz} of every run under `root` that finished its evaluation."""
+    runs = {}
+    if not os.path.isdir(root):
+        return runs
+    for arm, seed in ((a, s) for a in ARMS for s in _seeds_under(root, a)):
+        path = os.path.join(root, run_name(arm, seed), "eval", "features.npz")
+        if os.path.isfile(path):
+            runs[(arm, seed)] = path
+    return runs
+
+
+def _seeds_under(root: str, arm: str) -> list:
+    prefix = f"{arm}_seed"
+    return sorted(int(n[len(prefix):]) for n in os.listdir(root) if n.startswith(prefix) and n[len(prefix):].isdigit())
+
+
+def feature_drift(runs: dict) -> dict:
+    """Linear CKA of the evaluation split's pooled features (1 = the same up to rotation and scale):
+    `from_init` each run vs the `init` arm, `vs_moco` each arm vs `moco` of the same seed, and
+    `moco_across_seeds` (what a seed alone changes). Answers whether training moved the features at all
+    and whether methods moved them differently."""
+    def test_features(path):
+        with np.load(path) as saved:
+            return saved["test_features"]
+
+    features = {key: test_features(path) for key, path in runs.items()}
+    initial = next((f for (arm, _), f in features.items() if arm == "init"), None)
+    drift = {"from_init": {}, "vs_moco": {}, "moco_across_seeds": {}}
+    for (arm, seed), f in sorted(features.items()):
+        if initial is not None and arm != "init":
+            drift["from_init"][run_name(arm, seed)] = linear_cka(initial, f)
+        if arm not in (BASELINE, "init") and (BASELINE, seed) in features:
+            drift["vs_moco"][run_name(arm, seed)] = linear_cka(features[(BASELINE, seed)], f)
+    moco_seeds = sorted(seed for arm, seed in features if arm == BASELINE)
+    for a, b in itertools.combinations(moco_seeds, 2):
+        drift["moco_across_seeds"][f"seed{a}_seed{b}"] = linear_cka(features[(BASELINE, a)],
+                                                                    features[(BASELINE, b)])
+    return drift
+
+
+def write_report(results: str, root: str = "") -> dict:
+    """summary.json, table.md and plot.png under `results` from every finished run there, and
+    feature_drift.json when the runs' workdirs under `root` still hold their features."""
     summary = summarize(load_records(results))
     if not summary:
         return summary
@@ -193,6 +237,10 @@ def write_report(results: str) -> dict:
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write(markdown_table(summary))
     plot(summary, os.path.join(results, "plot.png"))
+    runs = finished_features(root) if root else {}
+    if runs:
+        with open(os.path.join(results, "feature_drift.json"), "w") as f:
+            json.dump(feature_drift(runs), f, indent=2, sort_keys=True)
     return summary
 
 
@@ -210,8 +258,8 @@ def main(argv):
             for arm in _ARMS.value:
                 announce(f"=== {run_name(arm, seed)} ===")
                 run_one(_CONFIG.value, arm, seed, _ROOT.value, _RESULTS.value)
-                write_report(_RESULTS.value)
-    summary = write_report(_RESULTS.value)
+                write_report(_RESULTS.value, _ROOT.value)
+    summary = write_report(_RESULTS.value, _ROOT.value)
     if summary:
         print(markdown_table(summary))
 

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.data.splits import stratified_split
+from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import _fit_softmax_regression, linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
+from fgpair_jax.evaluation.similarity import linear_cka
 
 # ----------------------------------------------------------------------------------------------------
 # Slow references: loops, explicit sorts, definitions.
@@ -255,3 +256,24 @@ def test_linear_probe_errors_name_the_problem():
         linear_probe(*train, *test, val_fraction=1.0)
     with pytest.raises(ValueError, match="num_classes=3 but a label is 3"):
         linear_probe(*train, *test, num_classes=3)
+
+
+def hsic_cka_reference(x, y):
+    """CKA from its definition with n x n Gram matrices: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
+    n = x.shape[0]
+    centring = np.eye(n) - np.ones((n, n)) / n
+    k, l = centring @ (x @ x.T) @ centring, centring @ (y @ y.T) @ centring
+    return np.sum(k * l) / np.sqrt(np.sum(k * k) * np.sum(l * l))
+
+
+def test_linear_cka_matches_the_gram_matrix_definition_and_its_invariances():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 12)), rng.normal(size=(40, 7))
+    y[:, :3] += x[:, :3]  # partly shared
+    np.testing.assert_allclose(linear_cka(x, y), hsic_cka_reference(x, y), rtol=1e-10)
+    rotation, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    np.testing.assert_allclose(linear_cka(x, 3.0 * x @ rotation + 5.0), 1.0, rtol=1e-10)
+    unrelated = linear_cka(rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8)))
+    assert unrelated < 0.05
+    with pytest.raises(ValueError, match="features of the same N images"):
+        linear_cka(x, y[:30])

@@ -74,3 +74,22 @@ def test_init_arm_evaluates_the_untrained_encoder(tiny_cub, tmp_path):
     assert record["metrics"]["step"] == 0 and record["config"]["num_epochs"] == 0
     assert set(HEADLINE_METRICS) <= set(record["metrics"])
     assert os.path.exists(os.path.join(results, "runs", "init_seed0.json"))
+
+
+def test_feature_drift_compares_runs_with_init_and_with_moco_of_the_same_seed(tmp_path):
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(50, 6))
+    runs = {"init_seed0": start, "moco_seed0": start * 2.0, "moco_seed1": rng.normal(size=(50, 6)),
+            "fgpair_seed0": start + 1.0, "lcr_seed0": None, "notes": None}  # lcr unfinished, notes no run
+    for name, test in runs.items():
+        os.makedirs(tmp_path / name / "eval")
+        if test is not None:
+            np.savez(tmp_path / name / "eval" / "features.npz", test_features=test, train_features=test)
+    found = experiments.finished_features(str(tmp_path))
+    assert set(found) == {("init", 0), ("moco", 0), ("moco", 1), ("fgpair", 0)}
+    drift = experiments.feature_drift(found)
+    assert set(drift["from_init"]) == {"moco_seed0", "moco_seed1", "fgpair_seed0"}
+    assert drift["from_init"]["moco_seed0"] == pytest.approx(1.0)  # scale does not count as drift
+    assert drift["from_init"]["moco_seed1"] < 0.9
+    assert drift["vs_moco"] == {"fgpair_seed0": pytest.approx(1.0)}  # a shift does not count either
+    assert set(drift["moco_across_seeds"]) == {"seed0_seed1"}
