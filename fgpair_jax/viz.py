@@ -71,8 +71,9 @@ def save_gradcam_overlays(images: np.ndarray, cams: np.ndarray, path: str, colum
     plt.close(fig)
 
 
-def save_pair_grid(images: np.ndarray, reconstructions: np.ndarray, perturbed: np.ndarray, path: str) -> None:
-    titles = ("image", "decoded h", "decoded h' (perturbed)")
+def save_pair_grid(images: np.ndarray, reconstructions: np.ndarray, perturbed: np.ndarray, path: str,
+                   titles=("image", "decoded h", "decoded h' (perturbed)")) -> None:
+    """One row per image: the image and two renderings of it, side by side."""
     fig, axes = plt.subplots(len(images), 3, figsize=(5.0, 1.7 * len(images)), squeeze=False)
     for i, triplet in enumerate(zip(images, reconstructions, perturbed)):
         for j, picture in enumerate(triplet):
