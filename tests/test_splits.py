@@ -1,8 +1,5 @@
 """Validation splits carved from train: stratified, fixed, disjoint from what SSL trains on, and the
 test split out of reach when tuning (config.data.eval_split = "val")."""
-import json
-import os
-
 import numpy as np
 import pytest
 
@@ -55,16 +52,22 @@ def test_a_tuning_checkpoint_does_not_resume_as_a_final_run():
     assert checkpointing.describe_mismatch(older, expected) is None
 
 
-def test_tuning_run_evaluates_on_the_held_out_part_of_train(tiny_cub, tmp_path):
-    from fgpair_jax import train
+def test_tuning_sources_hold_out_part_of_the_built_train_split_and_never_the_test_split(tiny_cub, tmp_path):
+    from fgpair_jax.data import sources as data_sources
 
-    config = tiny_config(**{"data.manual_dir": tiny_cub, "data.data_dir": str(tmp_path / "tfds"),
-                            "data.eval_split": "val", "data.val_fraction": 0.34, "method": "moco"})
-    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert 0.0 <= metrics["linear_top1"] <= 100.0
-    with np.load(os.path.join(tmp_path, "run", "eval", "features.npz")) as saved:
-        # 18 train images, 3 classes of 6: 2 per class held out, the other 12 train the probe and SSL.
-        assert saved["test_labels"].shape == (6,) and saved["train_labels"].shape == (12,)
-        assert np.bincount(saved["test_labels"]).tolist() == [2, 2, 2]
-    with open(os.path.join(tmp_path, "run", "config.json")) as f:
-        assert json.load(f)["data"]["eval_split"] == "val"
+    final = tiny_config(**{"data.manual_dir": tiny_cub, "data.data_dir": str(tmp_path / "tfds")})
+    tuning = tiny_config(**{"data.manual_dir": tiny_cub, "data.data_dir": str(tmp_path / "tfds"),
+                            "data.eval_split": "val", "data.val_fraction": 0.34})
+    built, _ = data_sources.load_sources(final, str(tmp_path))
+    carved, info = data_sources.load_sources(tuning, str(tmp_path))
+
+    def ids(source):
+        return {int(source[i]["image_id"]) for i in range(len(source))}
+
+    # 18 train images, 3 classes of 6: 2 per class held out, the other 12 train SSL and the probe.
+    assert info.split_sizes["train"] == len(carved["train"]) == 12
+    assert info.split_sizes["test"] == len(carved["test"]) == 6
+    assert sorted(np.bincount([carved["test"][i]["label"] for i in range(6)])) == [2, 2, 2]
+    assert ids(carved["train"]) | ids(carved["test"]) == ids(built["train"])
+    assert ids(carved["train"]).isdisjoint(ids(carved["test"]))
+    assert ids(carved["test"]).isdisjoint(ids(built["test"]))
