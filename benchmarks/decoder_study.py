@@ -20,36 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
-from ml_collections import config_flags
 
-from fgpair_jax import viz
+from fgpair_jax import evaluate, viz
 from fgpair_jax.data import augment, pipeline, sources as data_sources
 from fgpair_jax.methods import fgpair
 from fgpair_jax.models import input_normalization
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cub.py:quick",
-                                          "Defaults for keys the run's config.json predates.", lock_config=False)
 _RUN = flags.DEFINE_string("run", "workdirs/table/moco_seed0", "A finished run's workdir (config.json, eval/).")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Decoder-only epochs over the cached train pairs.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Decoder batch size.")
 _OUT = flags.DEFINE_string("out", "results/decoder_study/study.json", "JSON result (the PNG goes beside it).")
-
-
-def load_run_config(base, workdir: str):
-    """The run's saved config.json laid over `base`, so keys added since the run get their defaults."""
-    def overlay(target, saved):
-        for key, value in saved.items():
-            if key not in target:
-                continue
-            if isinstance(value, dict):
-                overlay(target[key], value)
-            else:
-                target[key] = tuple(value) if isinstance(target[key], tuple) else value
-
-    config = base.copy_and_resolve_references()
-    with open(os.path.join(workdir, "config.json")) as f:
-        overlay(config, json.load(f))
-    return config
 
 
 def encoded_images(config, source) -> np.ndarray:
@@ -71,8 +51,7 @@ def make_train_step(decoder, tx):
     return step
 
 
-def held_out_mse(decoder, params, h, images, batch: int) -> float:
-    render = jax.jit(lambda p, x: decoder.apply({"params": p}, x))
+def held_out_mse(render, params, h, images, batch: int) -> float:
     errors = [np.mean(np.square(np.asarray(render(params, h[i:i + batch])) - images[i:i + batch]), axis=(1, 2, 3))
               for i in range(0, len(h), batch)]
     return float(np.mean(np.concatenate(errors)))
@@ -80,7 +59,7 @@ def held_out_mse(decoder, params, h, images, batch: int) -> float:
 
 def main(argv):
     del argv
-    config = load_run_config(_CONFIG.value, _RUN.value)
+    config = evaluate.load_run_config(_RUN.value)
     sources, _ = data_sources.load_sources(config, _RUN.value)
     with np.load(os.path.join(_RUN.value, "eval", "features.npz")) as saved:
         train_h, test_h = saved["train_features"], saved["test_features"]
@@ -93,6 +72,7 @@ def main(argv):
     tx = optax.adam(config.fgpair.decoder_learning_rate)
     opt_state = tx.init(params)
     step = make_train_step(decoder, tx)
+    render = jax.jit(lambda p, x: decoder.apply({"params": p}, x))
     rng = np.random.default_rng(0)
     curve, steps, started = [], 0, time.perf_counter()
     for epoch in range(1, _EPOCHS.value + 1):
@@ -101,14 +81,13 @@ def main(argv):
             index = order[i:i + _BATCH.value]
             params, opt_state, _ = step(params, opt_state, train_h[index], train_x[index])
             steps += 1
-        test_mse = held_out_mse(decoder, params, test_h, test_x, 256)
+        test_mse = held_out_mse(render, params, test_h, test_x, 256)
         curve.append({"epoch": epoch, "steps": steps, "test_mse": test_mse, "vs_mean_image": test_mse / baseline})
         print(f"epoch {epoch}: {steps} steps, test MSE {test_mse:.4f} ({test_mse / baseline:.3f} of the mean image's)")
     seconds = time.perf_counter() - started
 
     shown = np.linspace(0, len(test_h) - 1, 6).astype(int)
     shown_train = np.linspace(0, len(train_h) - 1, 6).astype(int)
-    render = jax.jit(lambda p, x: decoder.apply({"params": p}, x))
     images = np.concatenate([test_x[shown], train_x[shown_train]])
     rendered = np.asarray(render(params, np.concatenate([test_h[shown], train_h[shown_train]])))
     png = os.path.splitext(_OUT.value)[0] + ".png"
@@ -122,7 +101,6 @@ def main(argv):
         "batch": _BATCH.value, "train_images": len(train_h), "test_images": len(test_h),
         "mean_image_test_mse": baseline, "curve": curve, "seconds": round(seconds, 1),
         "figure": png, "figure_rows": "6 test images, then 6 train images; columns: image, reconstruction, mean image",
-        "quick_run_decoder_steps": "92 steps of 16 images",
     }
     with open(_OUT.value, "w") as f:
         json.dump(result, f, indent=2)

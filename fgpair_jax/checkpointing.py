@@ -24,7 +24,8 @@ class CheckpointWriteError(OSError):
 
 
 def fingerprint(config, state) -> dict:
-    """What must match for a checkpoint to be resumable: method, model, resolution and every shape."""
+    """What must match for a checkpoint to be resumable: method, model, resolution, the images SSL
+    trains on (all of train, or train minus a tuning split) and every shape."""
     shapes = {
         jax.tree_util.keystr(path): list(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state)
@@ -51,11 +52,11 @@ def _trained_on(config) -> str:
 
 def describe_mismatch(saved: dict, expected: dict) -> Optional[str]:
     """The first difference between two fingerprints in words, or None when they agree."""
-    defaults = {"trained_on": ALL_OF_TRAIN}  # checkpoints written before the key existed
+    defaults = {"trained_on": ALL_OF_TRAIN}  # fingerprints written before the key existed
     for key in ("format_version", "method", "model", "image_size", "trained_on"):
-        if saved.get(key, defaults.get(key)) != expected.get(key):
-            return (f"{key} is {saved.get(key, defaults.get(key))!r} in the checkpoint but {expected.get(key)!r} "
-                    "in the config")
+        was, now = saved.get(key, defaults.get(key)), expected.get(key, defaults.get(key))
+        if was != now:
+            return f"{key} is {was!r} in the checkpoint but {now!r} in the config"
     saved_shapes, expected_shapes = saved.get("shapes", {}), expected["shapes"]
     for name, shape in expected_shapes.items():
         if name not in saved_shapes:

@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from fgpair_jax import parallel
+from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import augment, pipeline, sources as data_sources
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import linear_probe
@@ -96,13 +97,6 @@ def knn_monitor(feature_fn, state, sources, config, mesh, num_classes) -> float:
                     num_classes=num_classes)
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write via a temporary file in the same directory, then rename: never a half-written result."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(workdir: str, metrics: dict, train, test) -> None:
     """`eval/metrics.json` and `eval/features.npz` (process 0 only)."""
     if jax.process_index() != 0:
@@ -120,8 +114,8 @@ def write_results(workdir: str, metrics: dict, train, test) -> None:
             json.dump(metrics, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(os.path.join(eval_dir, "features.npz"), write_features)
-    _atomic_write(os.path.join(eval_dir, "metrics.json"), write_metrics)
+    write_atomically(os.path.join(eval_dir, "features.npz"), write_features)
+    write_atomically(os.path.join(eval_dir, "metrics.json"), write_metrics)
 
 
 def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
@@ -135,15 +129,28 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
     return metrics
 
 
+# Config keys added after runs were first saved, with the value that reproduces what those runs did
+# (not today's default), so that older workdirs re-evaluate unchanged.
+KEYS_ADDED_SINCE = {"data.eval_split": "test", "data.val_fraction": 0.1}
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a training run saved in `<workdir>/config.json`."""
+    """The config a training run saved in `<workdir>/config.json`, keys it predates filled in."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: --workdir must be a directory written by `python -m fgpair_jax.main`."
         )
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(json.load(f))
+    for dotted, value in KEYS_ADDED_SINCE.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if leaf not in node:
+            node[leaf] = value
+    return config
 
 
 def evaluate_workdir(workdir: str) -> dict:

@@ -10,7 +10,8 @@ run again, so the experiment can be spread over several sessions or machines sha
 The summary gives, per arm, the mean and 95% confidence interval (Student t over seeds) of each metric
 and, for arms run with the same seeds as `moco`, the paired gain over `moco` with its interval.
 Nothing here chooses hyper-parameters: the test split is read once per run, by its final evaluation.
-To tune, run the same command with `--config.data.eval_split=val` and another `--results`: every run
+To tune, run the same command with `--config.data.eval_split=val` and another `--root` and `--results`
+(a final run's checkpoint is refused for a tuning run and vice versa): every run
 then trains on train minus a fixed class-stratified part and is scored on that part (`data/splits.py`).
 """
 import itertools
@@ -22,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.evaluation.similarity import linear_cka
 from fgpair_jax.metrics_writer import announce
 from fgpair_jax.train import HEADLINE_METRICS
@@ -41,6 +43,7 @@ ARMS = {
     "init": {"method": "moco", "num_epochs": 0},
 }
 BASELINE = "moco"
+REFERENCE = "init"  # not a method: no gain over moco is computed for it, and the plot draws it apart
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cub.py:quick", "Base config of every run.",
                                           lock_config=False)
@@ -86,10 +89,11 @@ def run_one(base, arm: str, seed: int, root: str, results: str) -> dict:
               "wall_seconds_this_session": round(time.perf_counter() - started, 1),
               "config": json.loads(config.to_json_best_effort())}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    def write(temporary):
+        with open(temporary, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+
+    write_atomically(path, write)
     return record
 
 
@@ -130,7 +134,7 @@ def summarize(records: list) -> dict:
         for metric in HEADLINE_METRICS:
             entry["metrics"][metric] = mean_and_interval([runs[s][metric] for s in seeds])
             paired = [s for s in seeds if s in baseline]
-            if arm != BASELINE and paired:
+            if arm not in (BASELINE, REFERENCE) and paired:
                 gains = [runs[s][metric] - baseline[s][metric] for s in paired]
                 entry["gain_over_moco"][metric] = (*mean_and_interval(gains), len(paired))
         summary[arm] = entry
@@ -174,7 +178,7 @@ def plot(summary: dict, path: str) -> None:
                                                                              "retrieval rank-1 (%)")):
         means = [summary[a]["metrics"][metric][0] for a in arms]
         errors = [np.nan_to_num(summary[a]["metrics"][metric][1]) for a in arms]
-        axis.bar(arms, means, yerr=errors, capsize=4, color=["#888" if a == BASELINE else "#3a7" for a in arms])
+        axis.bar(arms, means, yerr=errors, capsize=4, color=[{BASELINE: "#888", REFERENCE: "#ccc"}.get(a, "#3a7") for a in arms])
         low = min(m - e for m, e in zip(means, errors))
         axis.set_ylim(max(0.0, low - 3), max(m + e for m, e in zip(means, errors)) + 2)
         axis.set_title(title)
@@ -206,34 +210,59 @@ def feature_drift(runs: dict) -> dict:
     """Linear CKA of the evaluation split's pooled features (1 = the same up to rotation and scale):
     `from_init` each run vs the `init` arm, `vs_moco` each arm vs `moco` of the same seed, and
     `moco_across_seeds` (what a seed alone changes). Answers whether training moved the features at all
-    and whether methods moved them differently."""
+    and whether methods moved them differently.
+
+    A run is compared with the `init` run of its own seed, else with that of the lowest seed (exact for
+    a pretrained start, whose encoder does not depend on the seed); `init_reference` names the one used.
+    A pair that cannot be compared (other images, constant features) is recorded as None.
+    """
     def test_features(path):
         with np.load(path) as saved:
             return saved["test_features"]
 
+    def cka_or_none(x, y):
+        try:
+            value = linear_cka(x, y)
+        except ValueError as error:
+            logging.warning("feature drift: %s", error)
+            return None
+        return value if np.isfinite(value) else None
+
     features = {key: test_features(path) for key, path in runs.items()}
-    initial = next((f for (arm, _), f in features.items() if arm == "init"), None)
-    drift = {"from_init": {}, "vs_moco": {}, "moco_across_seeds": {}}
+    init_seeds = sorted(seed for arm, seed in features if arm == REFERENCE)
+    drift = {"from_init": {}, "init_reference": {}, "vs_moco": {}, "moco_across_seeds": {}}
     for (arm, seed), f in sorted(features.items()):
-        if initial is not None and arm != "init":
-            drift["from_init"][run_name(arm, seed)] = linear_cka(initial, f)
-        if arm not in (BASELINE, "init") and (BASELINE, seed) in features:
-            drift["vs_moco"][run_name(arm, seed)] = linear_cka(features[(BASELINE, seed)], f)
+        if init_seeds and arm != REFERENCE:
+            reference_seed = seed if seed in init_seeds else init_seeds[0]
+            drift["from_init"][run_name(arm, seed)] = cka_or_none(features[(REFERENCE, reference_seed)], f)
+            drift["init_reference"][run_name(arm, seed)] = run_name(REFERENCE, reference_seed)
+        if arm not in (BASELINE, REFERENCE) and (BASELINE, seed) in features:
+            drift["vs_moco"][run_name(arm, seed)] = cka_or_none(features[(BASELINE, seed)], f)
     moco_seeds = sorted(seed for arm, seed in features if arm == BASELINE)
     for a, b in itertools.combinations(moco_seeds, 2):
-        drift["moco_across_seeds"][f"seed{a}_seed{b}"] = linear_cka(features[(BASELINE, a)],
-                                                                    features[(BASELINE, b)])
+        drift["moco_across_seeds"][f"seed{a}_seed{b}"] = cka_or_none(features[(BASELINE, a)],
+                                                                     features[(BASELINE, b)])
     return drift
 
 
+def _nan_as_null(tree):
+    """Strict JSON: a one-seed interval (NaN) is written as null."""
+    if isinstance(tree, dict):
+        return {key: _nan_as_null(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_nan_as_null(value) for value in tree]
+    return None if isinstance(tree, float) and not np.isfinite(tree) else tree
+
+
 def write_report(results: str, root: str = "") -> dict:
-    """summary.json, table.md and plot.png under `results` from every finished run there, and
-    feature_drift.json when the runs' workdirs under `root` still hold their features."""
+    """summary.json, table.md and plot.png under `results` from every finished run there, and, given
+    `root`, feature_drift.json from the features the runs' workdirs still hold (once, at the end: it
+    costs a few D x D products per pair of runs)."""
     summary = summarize(load_records(results))
     if not summary:
         return summary
     with open(os.path.join(results, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(_nan_as_null(summary), f, indent=2, allow_nan=False)
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write(markdown_table(summary))
     plot(summary, os.path.join(results, "plot.png"))
@@ -258,7 +287,7 @@ def main(argv):
             for arm in _ARMS.value:
                 announce(f"=== {run_name(arm, seed)} ===")
                 run_one(_CONFIG.value, arm, seed, _ROOT.value, _RESULTS.value)
-                write_report(_RESULTS.value, _ROOT.value)
+                write_report(_RESULTS.value)
     summary = write_report(_RESULTS.value, _ROOT.value)
     if summary:
         print(markdown_table(summary))

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from fgpair_jax.atomic_files import write_atomically
+
 
 def announce(message: str) -> None:
     """A line for the person running the job: printed by process 0, logged by every process."""
@@ -41,10 +43,11 @@ def truncate_jsonl(path: str, resume_step: int) -> None:
         return
     kept = [entry for entry in read_jsonl(path)
             if entry.get("step", 0) <= resume_step and not any(k.startswith("eval/") for k in entry)]
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in kept)
-    os.replace(temporary, path)
+    def write(temporary):
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in kept)
+
+    write_atomically(path, write)
 
 
 class MetricsWriter:

@@ -35,6 +35,8 @@ import ml_dtypes
 import numpy as np
 from flax import serialization, traverse_util
 
+from fgpair_jax.atomic_files import write_atomically
+
 CONVERTER_VERSION = 1  # Bump when the conversion rule changes: invalidates cached conversions.
 IMAGENET = "imagenet"
 IMAGENET_MODEL = "efficientnet_lite0"  # The one ImageNet encoder shipped on PyPI (works offline).
@@ -324,18 +326,25 @@ def _sha256_prefix(path: str) -> str:
 
 
 def _download(url: str, destination: str) -> None:
-    """`url` -> `destination`, written to a temporary name first so a cut download never looks complete."""
+    """`url` -> `destination`, streamed to a temporary file first so a cut download never looks complete."""
     import urllib.request
 
-    partial = f"{destination}.{os.getpid()}.partial"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+    def fetch(temporary):
+        with urllib.request.urlopen(url, timeout=60) as response, open(temporary, "wb") as out:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
-        os.replace(partial, destination)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+        _check_sha256_prefix(temporary, url)
+
+    write_atomically(destination, fetch)
+
+
+def _check_sha256_prefix(path: str, url: str) -> None:
+    """torchvision names each checkpoint <name>-<first 8 hex digits of its SHA-256>.pth: check them."""
+    expected = os.path.basename(url).rsplit("-", 1)[1].split(".")[0]
+    actual = _sha256_prefix(path)
+    if actual != expected:
+        raise CheckpointError(f"the download of {url} has SHA-256 prefix {actual}, not {expected} (a proxy "
+                              "page or a cut transfer; nothing was kept); rerun, or place the file there yourself.")
 
 
 def torchvision_checkpoint_path(model_name: str, directory: Optional[str] = None) -> str:
@@ -346,20 +355,16 @@ def torchvision_checkpoint_path(model_name: str, directory: Optional[str] = None
     path = os.path.join(directory, os.path.basename(url))
     if os.path.isfile(path):
         return path
-    expected = os.path.basename(url).rsplit("-", 1)[1].split(".")[0]
     try:
         os.makedirs(directory, exist_ok=True)
         _download(url, path)
+    except CheckpointError:
+        raise
     except Exception as error:  # No network (this CI), proxy, full disk: say how to place it by hand.
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"init='imagenet' for {model_name} needs {url} in {directory}, and downloading "
                               f"it failed ({reason}); download it there yourself or pass "
                               f"--config.model.init=/path/to/{os.path.basename(url)}.") from None
-    actual = _sha256_prefix(path)
-    if actual != expected:
-        os.replace(path, path + ".corrupt")
-        raise CheckpointError(f"downloaded {os.path.basename(url)} has SHA-256 prefix {actual}, not {expected} "
-                              f"(kept as {path}.corrupt); download it again.")
     return path
 
 
@@ -384,10 +389,12 @@ def convert_checkpoint(source: str, cache_dir: Optional[str] = None) -> Dict[str
     variables = torch_to_flax(read_torch_state_dict(source))
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
-        partial = f"{cache}.{os.getpid()}.tmp"
-        with open(partial, "wb") as stream:
-            stream.write(serialization.msgpack_serialize(variables))
-        os.replace(partial, cache)  # Atomic: concurrent processes never read half a file.
+
+        def write(temporary):
+            with open(temporary, "wb") as stream:
+                stream.write(serialization.msgpack_serialize(variables))
+
+        write_atomically(cache, write)  # concurrent processes never read half a file
     return variables
 
 

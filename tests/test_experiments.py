@@ -78,18 +78,35 @@ def test_init_arm_evaluates_the_untrained_encoder(tiny_cub, tmp_path):
 
 def test_feature_drift_compares_runs_with_init_and_with_moco_of_the_same_seed(tmp_path):
     rng = np.random.default_rng(0)
-    start = rng.normal(size=(50, 6))
-    runs = {"init_seed0": start, "moco_seed0": start * 2.0, "moco_seed1": rng.normal(size=(50, 6)),
-            "fgpair_seed0": start + 1.0, "lcr_seed0": None, "notes": None}  # lcr unfinished, notes no run
+    start, other_start = rng.normal(size=(50, 6)), rng.normal(size=(50, 6))
+    runs = {"init_seed0": start, "init_seed1": other_start, "moco_seed0": start * 2.0,
+            "moco_seed1": other_start + 3.0, "moco_seed2": rng.normal(size=(50, 6)),
+            "fgpair_seed0": start + 1.0, "random_seed0": np.ones((50, 6)), "gradcam_seed0": start[:40],
+            "lcr_seed0": None, "notes": None}  # lcr unfinished, notes no run
     for name, test in runs.items():
         os.makedirs(tmp_path / name / "eval")
         if test is not None:
             np.savez(tmp_path / name / "eval" / "features.npz", test_features=test, train_features=test)
     found = experiments.finished_features(str(tmp_path))
-    assert set(found) == {("init", 0), ("moco", 0), ("moco", 1), ("fgpair", 0)}
+    assert ("lcr", 0) not in found and len(found) == 8
     drift = experiments.feature_drift(found)
-    assert set(drift["from_init"]) == {"moco_seed0", "moco_seed1", "fgpair_seed0"}
     assert drift["from_init"]["moco_seed0"] == pytest.approx(1.0)  # scale does not count as drift
-    assert drift["from_init"]["moco_seed1"] < 0.9
-    assert drift["vs_moco"] == {"fgpair_seed0": pytest.approx(1.0)}  # a shift does not count either
-    assert set(drift["moco_across_seeds"]) == {"seed0_seed1"}
+    assert drift["from_init"]["moco_seed1"] == pytest.approx(1.0)  # against init of its own seed
+    assert drift["init_reference"]["moco_seed1"] == "init_seed1"
+    assert drift["init_reference"]["moco_seed2"] == "init_seed0" and drift["from_init"]["moco_seed2"] < 0.9
+    assert drift["vs_moco"]["fgpair_seed0"] == pytest.approx(1.0)  # a shift does not count either
+    assert drift["vs_moco"]["random_seed0"] is None  # constant features: 0/0, not NaN in the JSON
+    assert drift["vs_moco"]["gradcam_seed0"] is None  # other images: not comparable
+    assert set(drift["moco_across_seeds"]) == {"seed0_seed1", "seed0_seed2", "seed1_seed2"}
+
+
+def test_init_reference_gets_no_gain_row_and_one_seed_intervals_are_null_in_json(tmp_path):
+    results = str(tmp_path)
+    os.makedirs(os.path.join(results, "runs"))
+    for arm, seed, value in (("moco", 0, 40.0), ("init", 0, 30.0), ("fgpair", 0, 41.0)):
+        with open(os.path.join(results, "runs", f"{arm}_seed{seed}.json"), "w") as f:
+            json.dump(record(arm, seed, value), f)
+    summary = experiments.write_report(results)
+    assert summary["init"]["gain_over_moco"] == {} and summary["fgpair"]["gain_over_moco"]
+    with open(os.path.join(results, "summary.json")) as f:
+        assert json.load(f)["fgpair"]["metrics"]["linear_top1"] == [41.0, None]

@@ -20,7 +20,7 @@ def code_cells():
 
 
 def test_notebook_cells_parse_and_their_fgpair_calls_resolve():
-    calls = 0
+    calls = set()
     for source in code_cells():
         tree = ast.parse(source)
         modules = {alias.asname or alias.name: f"{node.module}.{alias.name}"
@@ -32,5 +32,6 @@ def test_notebook_cells_parse_and_their_fgpair_calls_resolve():
                 module = importlib.import_module(modules[node.func.value.id])
                 function = getattr(module, node.func.attr)  # AttributeError: the notebook calls a removed name
                 inspect.signature(function).bind(*node.args, **{k.arg: k.value for k in node.keywords})
-                calls += 1
-    assert calls >= 4  # get_config, train_and_evaluate, run_one, write_report, markdown_table
+                calls.add(f"{node.func.value.id}.{node.func.attr}")
+    assert calls == {"cub.get_config", "train.train_and_evaluate", "experiments.run_one",
+                     "experiments.write_report", "experiments.markdown_table"}

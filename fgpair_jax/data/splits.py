@@ -63,6 +63,9 @@ def with_validation_as_eval(sources: Mapping, info, val_fraction: float):
     """(sources, info) where "train" is train minus a class-stratified `val_fraction` and "test" is that
     held-out part; the real test split is dropped, so nothing downstream can read it."""
     fit, val = stratified_split(labels_of(sources["train"]), val_fraction, VALIDATION_SEED)
+    if val.size == 0:
+        raise ValueError(f"config.data.val_fraction={val_fraction} holds out no image (it rounds to 0 in every "
+                         "class); raise it, e.g. to 0.1.")
     carved = {"train": Subset(sources["train"], fit), "test": Subset(sources["train"], val)}
     sizes = dict(info.split_sizes, train=int(fit.size), test=int(val.size))
     return carved, dataclasses.replace(info, split_sizes=sizes)
