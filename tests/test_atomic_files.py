@@ -1,5 +1,6 @@
 """Results, caches and downloads appear whole or not at all."""
 import os
+import stat
 
 import pytest
 
@@ -24,5 +25,10 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
         with open(temporary, "w") as f:
             f.write("new")
 
-    write_atomically(str(path), succeeds)
+    previous_mask = os.umask(0o022)
+    try:
+        write_atomically(str(path), succeeds)
+    finally:
+        os.umask(previous_mask)
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["metrics.json"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # readable by others, like any file the user writes
