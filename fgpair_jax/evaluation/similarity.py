@@ -15,4 +15,5 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, np.float64) - np.mean(x, axis=0, dtype=np.float64)
     y = np.asarray(y, np.float64) - np.mean(y, axis=0, dtype=np.float64)
     cross = np.linalg.norm(y.T @ x) ** 2
-    return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+    with np.errstate(invalid="ignore", divide="ignore"):  # constant features: NaN, left to the caller
+        return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
