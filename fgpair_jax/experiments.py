@@ -192,18 +192,12 @@ def plot(summary: dict, path: str) -> None:
 def finished_features(root: str) -> dict:
     """{(arm, seed): path of eval/features.npz} of every run under `root` that finished its evaluation."""
     runs = {}
-    if not os.path.isdir(root):
-        return runs
-    for arm, seed in ((a, s) for a in ARMS for s in _seeds_under(root, a)):
-        path = os.path.join(root, run_name(arm, seed), "eval", "features.npz")
-        if os.path.isfile(path):
-            runs[(arm, seed)] = path
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        arm, _, seed = name.rpartition("_seed")  # the inverse of run_name
+        path = os.path.join(root, name, "eval", "features.npz")
+        if arm in ARMS and seed.isdigit() and os.path.isfile(path):
+            runs[(arm, int(seed))] = path
     return runs
-
-
-def _seeds_under(root: str, arm: str) -> list:
-    prefix = f"{arm}_seed"
-    return sorted(int(n[len(prefix):]) for n in os.listdir(root) if n.startswith(prefix) and n[len(prefix):].isdigit())
 
 
 def feature_drift(runs: dict) -> dict:
