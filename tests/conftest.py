@@ -1,6 +1,13 @@
-"""Shared test fixtures: a tiny config, a tiny CUB-layout folder, the shared subset's location."""
+"""Shared test fixtures: a tiny config, a tiny CUB-layout folder, the shared subset's location.
+
+Also JAX's persistent compilation cache for the whole test session: compiling dominates the suite's time
+on CPU, and many tests (and the processes they start: the CLI, the kill harness, fake-device runs)
+compile the same programs. Every program is still compiled once per clean checkout (CI starts empty);
+`FGPAIR_TEST_COMPILATION_CACHE=none` turns the cache off, another path moves it.
+"""
 import os
 
+import jax
 import pytest
 
 from configs import cub
@@ -8,6 +15,21 @@ from fgpair_jax.data.synthetic import write_tiny_cub  # noqa: F401  (tests impor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CUB = cub.DEFAULT_CUB_DIR
+
+
+def use_compilation_cache() -> None:
+    """Share compiled programs between tests, xdist workers and subprocesses (which inherit the env)."""
+    default = os.path.join(REPO, ".pytest_cache", "jax_compilation_cache")
+    directory = os.environ.setdefault("FGPAIR_TEST_COMPILATION_CACHE", default)
+    if directory == "none":
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2 * 2**30)  # LRU-evicted beyond 2 GiB
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+
+
+use_compilation_cache()
 
 
 def tiny_config(**overrides):
