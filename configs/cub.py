@@ -98,6 +98,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9  # SGD momentum
     c.optim.weight_decay = 1e-4  # L2 weight decay on all parameters (MoCo v2)
     c.optim.warmup_epochs = 0  # linear warm-up before the cosine decay (MoCo v2: none)
+    c.optim.encoder_lr_scale = 1.0  # encoder's learning rate / the heads' (< 1: gentler fine-tuning)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256  # feature-extraction batch (global)

@@ -131,7 +131,7 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
 
 # Config keys added after runs were first saved, with the value that reproduces what those runs did
 # (not today's default), so that older workdirs re-evaluate unchanged.
-KEYS_ADDED_SINCE = {"data.eval_split": "test", "data.val_fraction": 0.1}
+KEYS_ADDED_SINCE = {"data.eval_split": "test", "data.val_fraction": 0.1, "optim.encoder_lr_scale": 1.0}
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

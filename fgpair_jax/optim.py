@@ -20,13 +20,16 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     )
 
 
-def parameter_labels(params, frozen: tuple):
-    """'frozen' for encoder modules named in `frozen`, 'decoder' for the fgpair decoder, else 'trained'."""
+def parameter_labels(params, frozen: tuple, separate_encoder: bool = False):
+    """'frozen' for encoder modules named in `frozen`, 'decoder' for the fgpair decoder, 'encoder' for
+    the rest of the encoder when it has a learning rate of its own (`separate_encoder`), else 'trained'."""
     def label(path, _):
         keys = [getattr(entry, "key", None) for entry in path]
         if keys[0] == "decoder":
             return "decoder"
-        return "frozen" if len(keys) > 1 and keys[0] == "encoder" and keys[1] in frozen else "trained"
+        if keys[0] == "encoder" and len(keys) > 1 and keys[1] in frozen:
+            return "frozen"
+        return "encoder" if separate_encoder and keys[0] == "encoder" else "trained"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -47,20 +50,34 @@ def decoder_optimizer(config) -> optax.GradientTransformation:
     raise ValueError(f"config.fgpair.decoder_optimizer={name!r}: use 'adam' or 'sgd'.")
 
 
+def sgd(config, steps_per_epoch: int, scale: float = 1.0) -> optax.GradientTransformation:
+    """MoCo v2's SGD: L2 weight decay added to the gradient, then momentum SGD on the schedule x scale."""
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    return optax.chain(
+        optax.add_decayed_weights(config.optim.weight_decay),
+        optax.sgd(schedule if scale == 1.0 else (lambda step: scale * schedule(step)),
+                  momentum=config.optim.momentum),
+    )
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD as MoCo v2: L2 weight decay added to the gradient, then momentum SGD; the fgpair decoder
-    has its own optimiser (`decoder_optimizer`).
+    """SGD for the encoder and the heads; the fgpair decoder has its own optimiser (`decoder_optimizer`).
 
     Frozen encoder modules (`model.frozen_stages`) get a zero update: without this, weight decay alone
-    would still shrink weights that receive no gradient.
+    would still shrink weights that receive no gradient. `optim.encoder_lr_scale` != 1 gives the
+    (pretrained) encoder a smaller learning rate than the randomly initialised heads: the usual way to
+    fine-tune without the heads' first large gradients undoing the ImageNet start. At 1 the encoder
+    and heads share one transform, so checkpoints written before the knob existed still restore.
     """
     if config.optim.name != "sgd":
         raise ValueError(f"config.optim.name={config.optim.name!r} is not supported; use 'sgd'.")
-    sgd = optax.chain(
-        optax.add_decayed_weights(config.optim.weight_decay),
-        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.optim.momentum),
-    )
-    transforms = {"trained": sgd, "frozen": optax.set_to_zero()}
+    scale = config.optim.encoder_lr_scale
+    if scale < 0:
+        raise ValueError(f"config.optim.encoder_lr_scale={scale}: use a factor >= 0 (1 = the heads' rate).")
+    transforms = {"trained": sgd(config, steps_per_epoch), "frozen": optax.set_to_zero()}
+    if scale != 1.0:
+        transforms["encoder"] = sgd(config, steps_per_epoch, scale)
     if config.method == "fgpair":
         transforms["decoder"] = decoder_optimizer(config)
-    return optax.multi_transform(transforms, functools.partial(parameter_labels, frozen=frozen_modules(config.model)))
+    labels = functools.partial(parameter_labels, frozen=frozen_modules(config.model), separate_encoder=scale != 1.0)
+    return optax.multi_transform(transforms, labels)

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import cub
 from fgpair_jax import optim
@@ -46,3 +47,22 @@ def test_decoder_has_its_own_adam_and_the_rest_sgd():
     np.testing.assert_allclose(updates["decoder"]["to_rgb"]["kernel"], -1e-3, rtol=1e-4)
     expected_sgd = -config.optim.learning_rate * (5.0 + config.optim.weight_decay)
     np.testing.assert_allclose(updates["encoder"]["blocks_0"]["kernel"], expected_sgd, rtol=1e-5)
+
+
+def test_encoder_lr_scale_slows_only_the_encoder_and_one_keeps_the_old_state_layout():
+    config = cub.get_config("quick")
+    config.model.frozen_stages = 0
+    params = {"encoder": {"blocks_0": {"kernel": jnp.ones(2)}}, "head": {"fc1": {"kernel": jnp.ones(2)}}}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 5.0), params)
+    same = optim.make_optimizer(config, steps_per_epoch=10)
+    config.optim.encoder_lr_scale = 0.1
+    scaled = optim.make_optimizer(config, steps_per_epoch=10)
+    same_updates, _ = same.update(grads, same.init(params), params)
+    scaled_updates, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(scaled_updates["head"]["fc1"]["kernel"], same_updates["head"]["fc1"]["kernel"])
+    np.testing.assert_allclose(scaled_updates["encoder"]["blocks_0"]["kernel"],
+                               0.1 * same_updates["encoder"]["blocks_0"]["kernel"], rtol=1e-6)
+    assert set(same.init(params).inner_states) == {"trained", "frozen", "decoder"}  # as before the knob
+    config.optim.encoder_lr_scale = -1.0
+    with pytest.raises(ValueError, match="encoder_lr_scale=-1.0"):
+        optim.make_optimizer(config, steps_per_epoch=10)
