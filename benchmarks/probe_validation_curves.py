@@ -16,6 +16,7 @@ import os
 import numpy as np
 from absl import app, flags
 
+from fgpair_jax import evaluate
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.evaluation import linear_probe
 
@@ -24,14 +25,15 @@ _RUNS = flags.DEFINE_list("runs", ["moco_seed0"], "Run names (<arm>_seed<N>) und
 _OUT = flags.DEFINE_string("out", "results/probe_validation_curves.json", "JSON result.")
 
 
-def validation_curve(train_features: np.ndarray, train_labels: np.ndarray, seed: int) -> dict:
-    """{"weight_decay": chosen, "val_curve": {wd: validation accuracy %}} on the run's own split.
+def validation_curve(train_features: np.ndarray, train_labels: np.ndarray, config) -> dict:
+    """{"weight_decay": chosen, "val_curve": {wd: validation accuracy %}} on the run's own split and grid.
 
     `linear_probe` also refits and scores a 'test' set; it is handed a few train rows instead, and
     that score is dropped: nothing here reads the test split.
     """
-    result = linear_probe.linear_probe(train_features, train_labels, train_features[:8], train_labels[:8],
-                                       seed=seed)
+    result = linear_probe.linear_probe(
+        train_features, train_labels, train_features[:8], train_labels[:8], seed=config.seed,
+        val_fraction=config.eval.probe_val_fraction, weight_decays=tuple(config.eval.probe_weight_decays))
     return {"weight_decay": result["weight_decay"], "val_curve": result["val_curve"]}
 
 
@@ -39,9 +41,10 @@ def main(argv):
     del argv
     curves = {}
     for run in _RUNS.value:
-        seed = int(run.rsplit("_seed", 1)[1])
-        with np.load(os.path.join(_ROOT.value, run, "eval", "features.npz")) as cached:
-            curves[run] = validation_curve(cached["train_features"], cached["train_labels"], seed)
+        workdir = os.path.join(_ROOT.value, run)
+        config = evaluate.load_run_config(workdir)  # the grid and seed the run was evaluated with
+        with np.load(os.path.join(workdir, "eval", "features.npz")) as cached:
+            curves[run] = validation_curve(cached["train_features"], cached["train_labels"], config)
         print(run, curves[run], flush=True)
     def write(path):
         with open(path, "w") as f:

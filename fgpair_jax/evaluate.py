@@ -20,7 +20,7 @@ from fgpair_jax import parallel
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import augment, pipeline, sources as data_sources
 from fgpair_jax.evaluation.knn import knn_top1
-from fgpair_jax.evaluation.linear_probe import linear_probe
+from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED, linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
 from fgpair_jax.methods import get_method
 from fgpair_jax.models import input_normalization
@@ -72,6 +72,7 @@ def compute_metrics(train_features, train_labels, test_features, test_labels, co
     probe = linear_probe(
         train_features, train_labels, test_features, test_labels,
         num_classes=num_classes, val_fraction=config.eval.probe_val_fraction, seed=config.seed,
+        weight_decays=tuple(config.eval.probe_weight_decays),
     )
     retrieval = retrieval_metrics(test_features, test_labels)
     knn = knn_top1(
@@ -131,7 +132,13 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
 
 # Config keys added after runs were first saved, with the value that reproduces what those runs did
 # (not today's default), so that older workdirs re-evaluate unchanged.
-KEYS_ADDED_SINCE = {"data.eval_split": "test", "data.val_fraction": 0.1, "optim.encoder_lr_scale": 1.0}
+# Keys newer than some saved runs, with the value that reproduces what those runs did.
+KEYS_ADDED_SINCE = {
+    "data.eval_split": "test",
+    "data.val_fraction": 0.1,
+    "optim.encoder_lr_scale": 1.0,
+    "eval.probe_weight_decays": GRID_BEFORE_ZERO_WAS_DROPPED,
+}
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
