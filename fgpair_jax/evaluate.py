@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from fgpair_jax import parallel
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import augment, pipeline, sources as data_sources
+from fgpair_jax.evaluation.bn_recalibration import recalibrated_batch_stats
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED, linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
@@ -122,8 +123,11 @@ def write_results(workdir: str, metrics: dict, train, test) -> None:
 def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
     """Full evaluation of `state`'s encoder; writes the result files and returns the metrics."""
     feature_fn = make_feature_fn(config, mesh)
-    train = extract_features(feature_fn, state.params, state.batch_stats, sources["train"], config, mesh)
-    test = extract_features(feature_fn, state.params, state.batch_stats, sources["test"], config, mesh)
+    batch_stats = state.batch_stats
+    if config.eval.recompute_bn_stats:
+        batch_stats = recalibrated_batch_stats(state.params, batch_stats, sources["train"], config, mesh)
+    train = extract_features(feature_fn, state.params, batch_stats, sources["train"], config, mesh)
+    test = extract_features(feature_fn, state.params, batch_stats, sources["test"], config, mesh)
     metrics = compute_metrics(*train, *test, config, info.num_classes)
     metrics["step"] = int(jax.device_get(state.step))
     write_results(workdir, metrics, train, test)
@@ -132,12 +136,12 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
 
 # Config keys added after runs were first saved, with the value that reproduces what those runs did
 # (not today's default), so that older workdirs re-evaluate unchanged.
-# Keys newer than some saved runs, with the value that reproduces what those runs did.
 KEYS_ADDED_SINCE = {
     "data.eval_split": "test",
     "data.val_fraction": 0.1,
     "optim.encoder_lr_scale": 1.0,
     "eval.probe_weight_decays": GRID_BEFORE_ZERO_WAS_DROPPED,
+    "eval.recompute_bn_stats": False,
 }
 
 
