@@ -51,14 +51,29 @@ def test_result_does_not_depend_on_the_statistics_it_starts_from():
         assert not np.allclose(a, old)  # every layer of this model updates
 
 
-def test_frozen_layers_keep_their_statistics():
+def test_frozen_layers_keep_their_statistics_and_feed_the_others_with_them():
+    """EfficientNet-Lite0 with its stem and first stage frozen (they normalise with running statistics
+    even in train mode). The updating layers must get the fixed point computed from one train-mode
+    update that starts from the real statistics and the model's own momentum constant."""
+    from fgpair_jax.data import pipeline
+    from fgpair_jax.models.efficientnet_lite import BN_MOMENTUM
+
     config = tiny_config(**{"eval.batch_size": 8, "model.name": "efficientnet_lite0", "model.frozen_stages": 1})
     mesh = parallel.make_mesh()
     variables = moco.init_variables(jax.random.key(0), config)
     stats = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])  # not what the images would give
-    out = recalibrated_batch_stats(variables["params"], stats, image_source(8, 40), config, mesh)
-    np.testing.assert_array_equal(out["encoder"]["bn0"]["mean"], stats["encoder"]["bn0"]["mean"])  # frozen stem
-    assert not np.allclose(out["encoder"]["bn1"]["mean"], stats["encoder"]["bn1"]["mean"])  # the head's BN
+    batch = image_source(8, 40)
+    out = recalibrated_batch_stats(variables["params"], stats, batch * 2, config, mesh)
+
+    images = np.stack([pipeline.eval_transform(e["image"], config.data.image_size) for e in batch])
+    updated = make_statistics_fn(config, mesh)(variables["params"], stats["encoder"], images)
+    for name in ("conv_stem", "bn0", "blocks_0"):
+        for got, kept in zip(leaves(out["encoder"].get(name, {})), leaves(stats["encoder"].get(name, {}))):
+            np.testing.assert_array_equal(got, kept)  # frozen: unchanged
+    expected = jax.tree.map(lambda new, old: (new - BN_MOMENTUM * old) / (1 - BN_MOMENTUM), updated, stats["encoder"])
+    for name in ("blocks_1", "blocks_5", "bn1"):
+        for got, want in zip(leaves(out["encoder"][name]), leaves(expected[name])):
+            np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
 
 
 def test_too_few_train_images_is_a_clear_error():

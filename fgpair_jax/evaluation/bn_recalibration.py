@@ -11,8 +11,9 @@ the test split out of every choice.
 
 The encoder modules are not changed: a train-mode pass updates each statistic to
 m * old + (1 - m) * batch, so a pass from all-zero statistics gives (1 - m) * batch, and m per layer
-is read once by also passing from all-one statistics. Layers that never update (frozen stages) keep
-their statistics.
+is read once by also passing from all-one statistics. That is safe for the updating layers only (they
+normalise with the batch's own statistics in train mode); frozen modules (`model.frozen_stages`)
+normalise with their running statistics even in train mode, so they keep theirs throughout.
 """
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from fgpair_jax import parallel
 from fgpair_jax.data import augment, pipeline
 from fgpair_jax.methods import moco
-from fgpair_jax.models import input_normalization
+from fgpair_jax.models import frozen_modules, input_normalization
 
 
 def make_statistics_fn(config, mesh):
@@ -45,8 +46,14 @@ def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
         raise ValueError(f"eval.recompute_bn_stats needs at least eval.batch_size={config.eval.batch_size} train "
                          f"images, the split has {len(source)}; lower config.eval.batch_size.")
     statistics_fn = make_statistics_fn(config, mesh)
-    zeros = jax.tree.map(jnp.zeros_like, batch_stats["encoder"])
-    ones = jax.tree.map(jnp.ones_like, batch_stats["encoder"])
+    frozen = frozen_modules(config.model)
+    old_stats = batch_stats["encoder"]
+
+    def starting_from(value):  # `value` in every updating layer; frozen modules keep their statistics
+        return {name: stats if name in frozen else jax.tree.map(lambda x: jnp.full_like(x, value), stats)
+                for name, stats in old_stats.items()}
+
+    zeros, ones = starting_from(0.0), starting_from(1.0)
     batches = pipeline.eval_batches(source, batch_size=config.eval.batch_size, image_size=config.data.image_size,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
                                     worker_count=config.data.worker_count)
@@ -58,9 +65,7 @@ def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
             momentum = jax.tree.map(jnp.subtract, statistics_fn(params, ones, images), scaled)
         total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
 
-    def average(old, summed, m):
-        updates = m < 1.0 - 1e-6  # frozen layers come back unchanged: m == 1
-        return jnp.where(updates, summed / (num_batches * jnp.where(updates, 1.0 - m, 1.0)), old)
-
-    encoder_stats = jax.tree.map(average, batch_stats["encoder"], total, momentum)
+    average = lambda summed, m: summed / (num_batches * (1.0 - m))  # noqa: E731
+    encoder_stats = {name: stats if name in frozen else jax.tree.map(average, total[name], momentum[name])
+                     for name, stats in old_stats.items()}
     return {**batch_stats, "encoder": encoder_stats}
