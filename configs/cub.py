@@ -107,7 +107,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.knn_temperature = 0.07  # weighted kNN temperature
     c.eval.probe_val_fraction = 0.2  # linear probe: held-out part of train that picks its weight decay
     c.eval.probe_weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the probe's grid (no 0: see linear_probe.py)
-    c.eval.recompute_bn_stats = False  # evaluate with BN statistics recomputed on clean train images
+    c.eval.recompute_bn_stats = False  # BN statistics recomputed on clean train images (hurts ImageNet starts: see bn_recalibration.py)
 
     c.log_every_steps = 10  # JSONL / TensorBoard cadence
     c.checkpoint_every_steps = 500  # also saved at the end of every epoch and of training
