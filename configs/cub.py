@@ -57,6 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.init = "imagenet"  # paper: ImageNet start (torchvision ResNet-50, fetched once) | none | a .pth path
     c.model.frozen_stages = 0  # EfficientNet-Lite0: stem + first N stages frozen (no gradient, running BN)
     c.model.depthwise_impl = "auto"  # EfficientNet-Lite0 depthwise conv: auto | shifted (fast on CPU) | conv
+    c.model.keep_bn_stats = False  # True: BN running statistics stay at init during SSL (evaluation uses them)
 
     c.moco = ml_collections.ConfigDict()
     c.moco.dim = 128  # projection (embedding) width (MoCo v2: 128)

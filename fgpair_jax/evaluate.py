@@ -142,6 +142,7 @@ KEYS_ADDED_SINCE = {
     "optim.encoder_lr_scale": 1.0,
     "eval.probe_weight_decays": GRID_BEFORE_ZERO_WAS_DROPPED,
     "eval.recompute_bn_stats": False,
+    "model.keep_bn_stats": False,
 }
 
 

@@ -47,12 +47,15 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
     online = {name: params[name] for name in method.MOMENTUM_SUBTREES}
     ema_params = contrastive.ema_update(state.ema_params, online, config.moco.momentum)
     queue, queue_pointer = contrastive.enqueue(state.queue, state.queue_pointer, aux["keys"])
+    # model.keep_bn_stats: normalise with batch statistics as always, but leave the running ones
+    # (what evaluation uses) at their start: augmented batches otherwise drag ImageNet's away.
+    keep = config.model.keep_bn_stats
     next_state = state.replace(
         step=state.step + 1,
         params=params,
-        batch_stats=aux["batch_stats"],
+        batch_stats=state.batch_stats if keep else aux["batch_stats"],
         ema_params=ema_params,
-        ema_batch_stats=aux["ema_batch_stats"],
+        ema_batch_stats=state.ema_batch_stats if keep else aux["ema_batch_stats"],
         opt_state=opt_state,
         queue=queue,
         queue_pointer=queue_pointer,

@@ -150,3 +150,18 @@ def test_bfloat16_compute_keeps_float32_parameters_and_tracks_the_float32_loss(c
     for name in losses:
         assert np.isfinite(metrics[name]), name
         np.testing.assert_allclose(metrics[name], reference[name], rtol=0.05, err_msg=name)
+
+
+def test_keep_bn_stats_trains_the_weights_but_leaves_the_running_statistics(compiled):
+    _, mesh, tx, _ = compiled
+    config = tiny_config(method="moco", **{"model.keep_bn_stats": True})
+    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
+    state = fresh_state(config, mesh, tx)
+    batch = parallel.global_batch(batch_of(config, patterned_images(0, 8, config.data.image_size), 0), mesh)
+    before = jax.device_get(state)  # the step donates its input state
+    after, _ = train_step(state, batch)
+    for field in ("batch_stats", "ema_batch_stats"):
+        for a, b in zip(leaves(getattr(after, field)), leaves(getattr(before, field))):
+            np.testing.assert_array_equal(a, b, err_msg=field)
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(after.params), leaves(before.params)))
+    assert int(after.step) == 1
