@@ -46,6 +46,7 @@ def main(argv):
         with np.load(os.path.join(workdir, "eval", "features.npz")) as cached:
             curves[run] = validation_curve(cached["train_features"], cached["train_labels"], config)
         print(run, curves[run], flush=True)
+
     def write(path):
         with open(path, "w") as f:
             json.dump(curves, f, indent=2)

@@ -65,9 +65,10 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
     Frozen encoder modules (`model.frozen_stages`) get a zero update: without this, weight decay alone
     would still shrink weights that receive no gradient. `optim.encoder_lr_scale` != 1 gives the
-    (pretrained) encoder a smaller learning rate than the randomly initialised heads: the usual way to
-    fine-tune without the heads' first large gradients undoing the ImageNet start. At 1 the encoder
-    and heads share one transform, so checkpoints written before the knob existed still restore.
+    (pretrained) encoder a learning rate of its own, relative to the randomly initialised heads'. (In
+    quick runs it did not stop the drop below the ImageNet start: that was the BN running statistics,
+    see `model.keep_bn_stats`.) At 1 the encoder and heads share one transform, so checkpoints written
+    before the knob existed still restore.
     """
     if config.optim.name != "sgd":
         raise ValueError(f"config.optim.name={config.optim.name!r} is not supported; use 'sgd'.")

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import tiny_config
 from fgpair_jax import parallel
+from fgpair_jax.data import pipeline
 from fgpair_jax.evaluation.bn_recalibration import make_statistics_fn, recalibrated_batch_stats
 from fgpair_jax.methods import moco
 
@@ -28,7 +29,6 @@ def test_equals_the_running_average_after_many_updates_on_the_same_batch():
     batch = image_source(8, 40)
     recalibrated = recalibrated_batch_stats(variables["params"], variables["batch_stats"], batch * 3, config, mesh)
 
-    from fgpair_jax.data import pipeline
     images = np.stack([pipeline.eval_transform(e["image"], config.data.image_size) for e in batch])
     update = make_statistics_fn(config, mesh)
     stats = variables["batch_stats"]["encoder"]
@@ -55,7 +55,6 @@ def test_frozen_layers_keep_their_statistics_and_feed_the_others_with_them():
     """EfficientNet-Lite0 with its stem and first stage frozen (they normalise with running statistics
     even in train mode). The updating layers must get the fixed point computed from one train-mode
     update that starts from the real statistics and the model's own momentum constant."""
-    from fgpair_jax.data import pipeline
     from fgpair_jax.models.efficientnet_lite import BN_MOMENTUM
 
     config = tiny_config(**{"eval.batch_size": 8, "model.name": "efficientnet_lite0", "model.frozen_stages": 1})
