@@ -31,6 +31,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3"],  # -n 2: XLA compiles single-threaded, tests in pairs
+        # To look at <workdir>/tensorboard (written by tensorboardX without TensorFlow): tensorboard --logdir.
+        "tensorboard": ["tensorboard>=2.16"],
         # Only for the tests that compare converted models with torch (they skip without it). Pinned:
         # an unpinned torch resolves to a multi-GB CUDA build.
         "torch": ["torch==2.13.0", "efficientnet-lite-pytorch==0.1.0"],

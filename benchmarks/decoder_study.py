@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from fgpair_jax import evaluate, viz
+from fgpair_jax import run_config, viz
 from fgpair_jax.data import augment, pipeline, sources as data_sources
 from fgpair_jax.methods import fgpair
 from fgpair_jax.models import input_normalization
@@ -59,7 +59,7 @@ def held_out_mse(render, params, h, images, batch: int) -> float:
 
 def main(argv):
     del argv
-    config = evaluate.load_run_config(_RUN.value)
+    config = run_config.load(_RUN.value)
     sources, _ = data_sources.load_sources(config, _RUN.value)
     with np.load(os.path.join(_RUN.value, "eval", "features.npz")) as saved:
         train_h, test_h = saved["train_features"], saved["test_features"]

@@ -16,7 +16,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from fgpair_jax import evaluate
+from fgpair_jax import run_config
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.evaluation import linear_probe
 
@@ -42,7 +42,7 @@ def main(argv):
     curves = {}
     for run in _RUNS.value:
         workdir = os.path.join(_ROOT.value, run)
-        config = evaluate.load_run_config(workdir)  # the grid and seed the run was evaluated with
+        config = run_config.load(workdir)  # the grid and seed the run was evaluated with
         with np.load(os.path.join(workdir, "eval", "features.npz")) as cached:
             curves[run] = validation_curve(cached["train_features"], cached["train_labels"], config)
         print(run, curves[run], flush=True)

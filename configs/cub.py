@@ -17,8 +17,8 @@ DEFAULT_CUB_DIR = os.environ.get(
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """`arg`: '' (paper protocol: ImageNet ResNet-50 at 224 px; add --config.model.dtype=bfloat16 on a
-    GPU/TPU), 'quick' (CPU-sized, ~15 min end to end) or
-    'tiny' (seconds: a smoke run for tests and the kill harness on `data/synthetic.py` folders)."""
+    GPU/TPU), 'quick' (CPU-sized, ~15 min end to end) or 'tiny' (seconds, on `data/synthetic.py`
+    folders: the one config of the tests, the smoke runs and the kill harness)."""
     variant = arg or "paper"
     if variant not in ("paper", "quick", "tiny"):
         raise ValueError(f"configs/cub.py takes '', 'quick' or 'tiny', not {arg!r}.")
@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # where TFDS writes the built data: '' = $TFDS_DATA_DIR or <workdir>/tfds
     c.data.image_size = 224  # training and evaluation resolution (paper: 224)
     c.data.crop_scale_min = 0.2  # RandomResizedCrop lower area bound (MoCo v2: 0.2)
-    c.data.eval_crop_fraction = 0.875  # eval: resize to size/0.875 then centre crop (224 <- 256)
+    c.data.eval_crop_fraction = 0.875  # eval and figures: shorter side to size/0.875, centre crop (224 <- 256)
     c.data.eval_split = "test"  # test (final runs) | val: tune on a held-out part of train, never on test
     c.data.val_fraction = 0.1  # eval_split=val: share of each class of train held out (fixed draw)
     c.data.worker_count = 0  # grain worker processes decoding on the host (0 = in the main process)
@@ -76,7 +76,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fgpair.combine = "union"  # how the two criteria combine: union | intersection
     c.fgpair.variance_fraction = 0.25  # share of dims with the lowest batch variance
     c.fgpair.gradcam_fraction = 0.25  # share of dims with the lowest Grad-CAM importance
-    c.fgpair.gradcam_score = "weight"  # importance: weight (mean -dL/dA) | abs_weight | lcr (A * -dL/dA)
+    c.fgpair.gradcam_score = "weight"  # importance: weight (mean -dL/dA) | abs_weight | grad_x_activation (A * -dL/dA, LCR's form)
     c.fgpair.relative_variance = False  # rank by var/mean^2 instead of raw variance
     c.fgpair.variance_ema_decay = 0.0  # > 0: rank by an EMA of the variance across steps
     c.fgpair.perturbation = "gaussian"  # gaussian (sigma * per-dim std) | shuffle (from other images)
@@ -85,7 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fgpair.ramp_epochs = 10.0  # then nu ramps linearly from 0 over this many epochs
     c.fgpair.reconstruction_trains_encoder = False  # let L_R's gradient reach the encoder
     c.fgpair.decoder_channels = (128, 64, 32, 16, 16)  # widths after each x2 upsampling block
-    c.fgpair.decoder_optimizer = "adam"  # the decoder's own optimiser: adam | sgd (see optim.py)
+    c.fgpair.decoder_optimizer = "adam"  # the decoder's own optimiser: adam | sgd (see methods/fgpair.py)
     c.fgpair.decoder_learning_rate = 1e-3  # its learning rate (constant)
     c.fgpair.pair_stride = 1  # every k-th image of the batch gets a synthesized pair (cost knob)
 
@@ -108,7 +108,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.knn_temperature = 0.07  # weighted kNN temperature
     c.eval.probe_val_fraction = 0.2  # linear probe: held-out part of train that picks its weight decay
     c.eval.probe_weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the probe's grid (no 0: see linear_probe.py)
-    c.eval.recompute_bn_stats = False  # BN statistics recomputed on clean train images (hurts ImageNet starts: see bn_recalibration.py)
+    c.eval.recompute_bn_stats = False  # BN statistics recomputed on clean train images (hurts ImageNet starts: see features.py)
 
     c.log_every_steps = 10  # JSONL / TensorBoard cadence
     c.checkpoint_every_steps = 500  # also saved at the end of every epoch and of training
@@ -136,18 +136,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.eval.knn_every_epochs = 0
         c.checkpoint_every_steps = 100
     if variant == "tiny":
-        # The quick run shrunk to seconds (8-channel ResNet, 32 px, batch 8): tests, smoke runs.
-        c.num_epochs = 2
+        # The quick run shrunk to seconds (8-channel ResNet, 32 px, batch 8, one epoch): tests, smoke runs.
+        c.num_epochs = 1
         c.global_batch_size = 8
         c.data.image_size = 32
         c.model.name = "resnet_tiny"
         c.model.init = "none"
         c.model.frozen_stages = 0
-        c.moco.queue_size = 8
+        c.moco.queue_size = 16
+        c.moco.momentum = 0.9
+        c.optim.learning_rate = 0.05
         c.fgpair.decoder_channels = (16, 8)
         c.fgpair.pair_stride = 1
-        c.eval.batch_size = 8
-        c.eval.knn_k = 3
-        c.eval.knn_every_epochs = 1
+        c.eval.batch_size = 16
+        c.eval.knn_k = 3  # tiny folders have 18 train images
         c.log_every_steps = 1
     return c

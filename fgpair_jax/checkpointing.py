@@ -16,16 +16,20 @@ from typing import Optional
 import jax
 import orbax.checkpoint as ocp
 
+from fgpair_jax import run_config
+from fgpair_jax.errors import ConfigError, UserError
+
 FORMAT_VERSION = 2  # 2: the data iterator's state is saved beside the train state
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
 
 
 def fingerprint(config, state) -> dict:
     """What must match for a checkpoint to be resumable: method, model, resolution, the images SSL
-    trains on (all of train, or train minus a tuning split) and every shape."""
+    trains on (all of train, or train minus a tuning split), every shape, and every other key that
+    defines training (`run_config.training_fingerprint`: a changed schedule would splice two runs)."""
     shapes = {
         jax.tree_util.keystr(path): list(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state)
@@ -37,6 +41,7 @@ def fingerprint(config, state) -> dict:
         "image_size": config.data.image_size,
         "trained_on": _trained_on(config),
         "shapes": shapes,
+        "training_config": run_config.training_fingerprint(config),
     }
 
 
@@ -64,7 +69,10 @@ def describe_mismatch(saved: dict, expected: dict) -> Optional[str]:
         if saved_shapes[name] != shape:
             return f"{name} has shape {saved_shapes[name]} in the checkpoint but {shape} in the model"
     extra = sorted(set(saved_shapes) - set(expected_shapes))
-    return f"the checkpoint has an unexpected {extra[0]}" if extra else None
+    if extra:
+        return f"the checkpoint has an unexpected {extra[0]}"
+    # Checkpoints written before the training config was recorded are compared on the keys above only.
+    return run_config.describe_change(saved.get("training_config", {}), expected.get("training_config", {}))
 
 
 _KNOWN_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
@@ -100,7 +108,7 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         problem = describe_mismatch(saved, self.expected_fingerprint)
         if problem:
-            raise ValueError(
+            raise ConfigError(
                 f"Cannot resume from {self.directory}/{step}: {problem}. Use a new --workdir for this config "
                 "(the existing checkpoint was left untouched)."
             )

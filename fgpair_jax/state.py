@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from fgpair_jax import contrastive
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import get_method
 
 
@@ -39,7 +40,7 @@ def resolve_queue_size(config, num_train_examples: int) -> int:
     batch = config.global_batch_size
     size = config.moco.queue_size or int(config.moco.queue_fraction * num_train_examples) // batch * batch
     if size < batch or size % batch:
-        raise ValueError(
+        raise ConfigError(
             f"MoCo queue size {size} must be a positive multiple of config.global_batch_size={batch}; "
             "set config.moco.queue_size accordingly (or 0 for automatic)."
         )
@@ -51,7 +52,7 @@ def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation,
     """A fresh state. `initial_variables` (e.g. ImageNet weights) replaces the random init when given."""
     method = get_method(config.method)
     init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
-    if initial_variables is None:  # jitted: eager flax init runs op by op, ~10x slower on CPU
+    if initial_variables is None:  # jitted: eager flax init runs op by op, far slower on CPU
         initial_variables = jax.jit(lambda r: method.init_variables(r, config))(init_rng)
     variables = initial_variables
     params, batch_stats = variables["params"], variables["batch_stats"]
@@ -66,5 +67,5 @@ def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation,
         queue=contrastive.initial_queue(queue_rng, queue_size, config.moco.dim),
         queue_pointer=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(state_rng),
-        extras=getattr(method, "init_extras", lambda c: {})(config),
+        extras=method.init_extras(config),
     )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 CRITERIA = ("both", "variance", "gradcam", "random", "none")
 PERTURBATIONS = ("gaussian", "shuffle")
+COMBINATIONS = ("union", "intersection")
 
 
 def feature_variance(pooled: jax.Array, relative: bool = False, eps: float = 1e-6) -> jax.Array:

@@ -11,71 +11,20 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import checkpointing, evaluate, numerics, optim, parallel, preemption, pretrained, viz
-from fgpair_jax import state as state_lib
+from fgpair_jax import evaluate, features, numerics, parallel, preemption, run, run_config, viz
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
-from fgpair_jax.methods import get_method
+from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
 
-HEADLINE_METRICS = ("linear_top1", "retrieval_rank1", "retrieval_rank5", "retrieval_map", "knn_top1")
 
-
-def save_config(config, workdir: str) -> None:
-    """`<workdir>/config.json`: what `fgpair_jax.evaluate` and later tools rebuild the run from."""
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-
-def initial_variables(config, workdir: str):
-    """The method's fresh variables with the encoder replaced by `config.model.init` weights.
-
-    None for 'none' (`create_train_state` draws the random init); 'imagenet' or a checkpoint path is
-    converted once (cached under `<workdir>/pretrained`) and checked key by key against the encoder.
-    """
-    if config.model.init == "none":
-        return None
-    method = get_method(config.method)
-    variables = jax.jit(lambda r: method.init_variables(r, config))(jax.random.key(config.seed))
-    loaded = pretrained.load_pretrained(config.model.init, config.model, os.path.join(workdir, "pretrained"))
-    encoder = pretrained.merge_pretrained(
-        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]},
-        loaded, what=f"config.model.init={config.model.init!r}")
-    variables["params"]["encoder"] = encoder["params"]
-    variables["batch_stats"]["encoder"] = encoder["batch_stats"]
-    return variables
-
-
-def build_run(config, info, mesh, workdir: str):
-    """Everything derived from the config and the data: steps, optimiser, fresh state, fingerprint."""
-    parallel.check_batch_divisible(config.global_batch_size, mesh)
-    num_train = info.split_sizes["train"]
-    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
-    tx = optim.make_optimizer(config, steps_per_epoch)
-    queue_size = state_lib.resolve_queue_size(config, num_train)
-    state = state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size,
-                                         initial_variables(config, workdir))
-    state = jax.device_put(state, parallel.replicated(mesh))
-    return steps_per_epoch, tx, state
-
-
-def checkpointer_for(config, workdir: str, state) -> checkpointing.Checkpointer:
-    return checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.keep_checkpoints, checkpointing.fingerprint(config, state)
-    )
-
-
-def restore_latest_state(config, workdir: str, info, mesh):
-    """The latest checkpointed state of a run (for re-evaluation); error if there is none."""
-    _, _, state = build_run(config, info, mesh, workdir)
-    checkpointer = checkpointer_for(config, workdir, state)
-    if checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first with fgpair_jax.main.")
-    state = checkpointer.restore(state)
-    checkpointer.close()
-    return state
+def _warn_if_sized_for_an_accelerator(config) -> None:
+    """The paper protocol (ResNet-50 at 224 px, batch 128) needs far more memory than a CPU host has to
+    spare (results/README.md); say so before the first step instead of after an out-of-memory kill."""
+    pixels = config.global_batch_size * config.data.image_size ** 2
+    if jax.default_backend() == "cpu" and config.data.image_size >= 224 and pixels >= 64 * 224 ** 2:
+        announce(f"Warning: global batch {config.global_batch_size} at {config.data.image_size} px is sized "
+                 "for a GPU/TPU; on this CPU it may run out of memory. For a CPU use configs/cub.py:quick.")
 
 
 def _host_batches(config, source, data_state=None):
@@ -115,20 +64,25 @@ def _epoch_summary(epoch, num_epochs, step, means, rate, elapsed, knn=None) -> s
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate; returns the metrics.
 
-    Returns {} without evaluating when the run was asked to stop (SIGTERM, preemption) after saving.
+    The config is validated before anything is built (`run_config.validate`); a checkpoint written
+    under another training config is refused in one line. Returns {} without evaluating when the run
+    was asked to stop (SIGTERM, preemption) after saving.
     """
-    numerics.check_policy(config.on_nonfinite)
+    run_config.validate(config)
+    config = run_config.resolved(config)
     parallel.maybe_initialize_distributed()
+    announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
+             f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}")
     mesh = parallel.make_mesh()
+    parallel.check_batch_divisible(config.global_batch_size, mesh)
+    _warn_if_sized_for_an_accelerator(config)
     sources, info = data_sources.load_sources(config, workdir)
-    steps_per_epoch, tx, state = build_run(config, info, mesh, workdir)
-    checkpointer = checkpointer_for(config, workdir, state)
-    data_state = None
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state)
-        data_state = checkpointer.restore_data_state()
+    run_plan = run.plan(config, info.split_sizes["train"], mesh)
+    checkpointer = run.open_checkpoints(config, workdir, run_plan)
+    state, data_state = run.restore_or_start(config, workdir, run_plan, mesh, checkpointer)
+    if data_state is not None:
         announce(f"Resumed from step {int(state.step)} in {checkpointer.directory}.")
-    save_config(config, workdir)
+    run_config.save(config, workdir)
 
     start_step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=start_step)
@@ -136,8 +90,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         try:
             with preemption.StopRequests() as stop_requests:
-                state, stopped = _train_loop(config, state, batches, tx, mesh, steps_per_epoch, sources, info,
-                                             checkpointer, writer, stop_requests)
+                state, stopped = _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpointer,
+                                             writer, stop_requests)
         finally:
             checkpointer.close()  # waits for pending saves: never leave a half-written latest checkpoint
         if stopped:
@@ -154,18 +108,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return metrics
 
 
-def _train_loop(config, state, batches, tx, mesh, steps_per_epoch, sources, info, checkpointer, writer,
-                stop_requests):
+def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpointer, writer, stop_requests):
     """Steps from `state.step` to the end; returns (final state, whether a stop request ended it early).
 
     Checkpoints every `checkpoint_every_steps`, at every epoch end, at the end and when asked to stop;
     a step's non-finite flag is checked before anything after it is saved (`numerics.py`).
     """
-    total_steps = config.num_epochs * steps_per_epoch
+    steps_per_epoch, total_steps = run_plan.steps_per_epoch, run_plan.total_steps
     start_step = int(jax.device_get(state.step))
-    train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch)
+    train_step = step_lib.make_train_step(config, run_plan.tx, mesh, steps_per_epoch)
     progress = Progress(total_steps, start_step, config.global_batch_size)
-    feature_fn = evaluate.make_feature_fn(config, mesh)
+    feature_fn = features.make_feature_fn(config, mesh)
     latest = checkpointer.latest_step()
     nonfinite = numerics.NonfiniteMonitor(config.on_nonfinite, "no checkpoint yet" if latest is None else
                                           f"latest checkpoint: step {latest} in {checkpointer.directory}")
@@ -194,7 +147,7 @@ def _train_loop(config, state, batches, tx, mesh, steps_per_epoch, sources, info
             means = _mean_metrics(epoch_metrics)
             knn = None
             if config.eval.knn_every_epochs and epoch % config.eval.knn_every_epochs == 0:
-                knn = evaluate.knn_monitor(feature_fn, state, sources, config, mesh, info.num_classes)
+                knn = features.knn_monitor(feature_fn, state, sources, config, mesh, info.num_classes)
                 writer.write_scalars(step, {"knn_top1": knn})
             progress.write(_epoch_summary(epoch, config.num_epochs, step, means, rate, now - start_time, knn))
             epoch_metrics, epoch_start_time, epoch_start_step = [], time.perf_counter(), step

@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from configs import cub
+from fgpair_jax import run_config
 from fgpair_jax.data.synthetic import write_tiny_cub  # noqa: F401  (tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,30 +34,8 @@ use_compilation_cache()
 
 
 def tiny_config(**overrides):
-    """The quick config shrunk to seconds: 8-channel ResNet, 32 px, batch 8, queue 16, small decoder."""
-    config = cub.get_config("quick")
-    config.model.name = "resnet_tiny"
-    config.model.init = "none"
-    config.model.frozen_stages = 0
-    config.model.bn_groups = 2
-    config.data.image_size = 32
-    config.global_batch_size = 8
-    config.moco.queue_size = 16
-    config.moco.momentum = 0.9
-    config.optim.learning_rate = 0.05
-    config.num_epochs = 1
-    config.eval.batch_size = 16
-    config.eval.knn_k = 3  # tiny folders have 18 train images
-    config.log_every_steps = 1
-    config.fgpair.decoder_channels = (16, 8)
-    config.fgpair.pair_stride = 1
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    """`configs/cub.py:tiny` (8-channel ResNet, 32 px, batch 8, one epoch) with dotted-key overrides."""
+    return run_config.override(cub.get_config("tiny"), overrides)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from fgpair_jax import parallel
 from fgpair_jax.data import pipeline
-from fgpair_jax.evaluation.bn_recalibration import make_statistics_fn, recalibrated_batch_stats
+from fgpair_jax.features import make_statistics_fn, recalibrated_batch_stats
 from fgpair_jax.methods import moco
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+# The tiny config over two epochs with the kNN monitor after each: the CLI's whole path in seconds.
+TWO_EPOCHS = ("--config=configs/cub.py:tiny", "--config.num_epochs=2", "--config.eval.knn_every_epochs=1")
 
 
 def run_cli(*args, module="fgpair_jax.main", timeout=600):
@@ -24,8 +26,7 @@ def last_error_line(result) -> str:
 
 def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
     workdir = str(tmp_path / "run")
-    result = run_cli("--config=configs/cub.py:tiny", f"--workdir={workdir}",
-                     f"--config.data.manual_dir={tiny_cub}")
+    result = run_cli(*TWO_EPOCHS, f"--workdir={workdir}", f"--config.data.manual_dir={tiny_cub}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch 2/2" in result.stdout + result.stderr
 
@@ -58,8 +59,7 @@ def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
         assert reevaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
 
     # Running the same command again resumes at the end: no training, same checkpoint, same result.
-    rerun = run_cli("--config=configs/cub.py:tiny", f"--workdir={workdir}",
-                    f"--config.data.manual_dir={tiny_cub}")
+    rerun = run_cli(*TWO_EPOCHS, f"--workdir={workdir}", f"--config.data.manual_dir={tiny_cub}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Resumed from step 4" in rerun.stdout
 

@@ -7,7 +7,7 @@ import pytest
 
 from configs import cub
 from fgpair_jax import experiments
-from fgpair_jax.train import HEADLINE_METRICS
+from fgpair_jax.evaluation import HEADLINE_METRICS
 
 
 def record(arm, seed, value):

@@ -6,7 +6,8 @@ import optax
 import pytest
 
 from configs import cub
-from fgpair_jax import optim
+from fgpair_jax import optim, run_config
+from fgpair_jax.errors import ConfigError
 
 
 def test_warmup_then_cosine_to_zero():
@@ -64,5 +65,5 @@ def test_encoder_lr_scale_slows_only_the_encoder_and_one_keeps_the_old_state_lay
                                0.1 * same_updates["encoder"]["blocks_0"]["kernel"], rtol=1e-6)
     assert set(same.init(params).inner_states) == {"trained", "frozen", "decoder"}  # as before the knob
     config.optim.encoder_lr_scale = -1.0
-    with pytest.raises(ValueError, match="encoder_lr_scale=-1.0"):
-        optim.make_optimizer(config, steps_per_epoch=10)
+    with pytest.raises(ConfigError, match="encoder_lr_scale=-1.0"):
+        run_config.validate(config)

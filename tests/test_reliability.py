@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import kill_resume  # noqa: E402
 
 
-def nan_from_step(first_bad_step: int, last_bad_step: int = 10**9) -> types.SimpleNamespace:
+def nan_from_step(first_bad_step: int, last_bad_step: int = 10**9) -> types.ModuleType:
     """MoCo whose loss is NaN while `first_bad_step <= step <= last_bad_step` (1-based steps)."""
     def loss(params, state, view1, view2, rng, config, *, epoch):
         total, aux = moco.loss(params, state, view1, view2, rng, config, epoch=epoch)
@@ -30,8 +30,10 @@ def nan_from_step(first_bad_step: int, last_bad_step: int = 10**9) -> types.Simp
         aux["metrics"]["loss"] = total
         return total, aux
 
-    return types.SimpleNamespace(**{name: getattr(moco, name) for name in
-                                    ("MOMENTUM_SUBTREES", "init_variables", "eval_features")}, loss=loss)
+    method = types.ModuleType("nan_moco")  # MoCo in every member but the loss
+    method.__dict__.update({name: value for name, value in vars(moco).items() if not name.startswith("__")})
+    method.loss = loss
+    return method
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fgpair_jax import checkpointing
+from fgpair_jax import checkpointing, run_config
 from fgpair_jax.data import splits
 from fgpair_jax.data.cub import CubSourceInfo
 
@@ -82,13 +82,11 @@ def test_a_fraction_that_holds_out_nothing_is_refused_before_training():
 def test_a_run_saved_before_eval_split_existed_reloads_as_the_final_run_it_was(tmp_path):
     import json
 
-    from fgpair_jax import evaluate
-
     saved = tiny_config().to_dict()
     del saved["data"]["eval_split"], saved["data"]["val_fraction"], saved["eval"]["probe_weight_decays"]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(saved, f)
-    config = evaluate.load_run_config(str(tmp_path))
+    config = run_config.load(str(tmp_path))
     assert config.data.eval_split == "test" and config.data.val_fraction == 0.1
     assert tuple(config.eval.probe_weight_decays)[0] == 0.0  # the probe grid those runs were scored with
     assert config.model.name == "resnet_tiny"  # the saved values themselves are kept

@@ -41,7 +41,7 @@ def test_gradcam_weight_closed_form_for_a_linear_head():
     np.testing.assert_allclose(gradcam.channel_importance(feature_map, gradient, "weight"), -u / 9, rtol=1e-6)
     np.testing.assert_allclose(gradcam.channel_importance(feature_map, gradient, "abs_weight"),
                                jnp.abs(u) / 9, rtol=1e-6)
-    lcr = gradcam.channel_importance(feature_map, gradient, "lcr")
+    lcr = gradcam.channel_importance(feature_map, gradient, "grad_x_activation")
     np.testing.assert_allclose(lcr, jnp.mean(feature_map, axis=(0, 1, 2)) * -u / 9, rtol=1e-5, atol=1e-7)
 
 

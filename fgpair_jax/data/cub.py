@@ -34,6 +34,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageFile
 
+from fgpair_jax.errors import DataError, MissingFileError
+
 _LOG = logging.getLogger(__name__)
 
 INDEX_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
@@ -59,8 +61,8 @@ class CubIndex:
     present_class_names: tuple[str, ...]
 
 
-def _layout_error(manual_dir: str, problem: str) -> ValueError:
-    return ValueError(f"CUB folder {manual_dir!r}: {problem}; {EXPECTED_LAYOUT}.")
+def _layout_error(manual_dir: str, problem: str) -> DataError:
+    return DataError(f"CUB folder {manual_dir!r}: {problem}; {EXPECTED_LAYOUT}.")
 
 
 def _read_id_table(manual_dir: str, file_name: str) -> dict[int, str]:
@@ -89,16 +91,16 @@ def _check_folder_exists(manual_dir: str) -> None:
     """
     if not manual_dir or not os.path.isdir(manual_dir):
         problem = "is a file, not a folder" if manual_dir and os.path.exists(manual_dir) else "does not exist"
-        raise FileNotFoundError(f"CUB folder {manual_dir!r} {problem}; {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"CUB folder {manual_dir!r} {problem}; {EXPECTED_LAYOUT}.")
     if not os.listdir(manual_dir):
-        raise FileNotFoundError(f"CUB folder {manual_dir!r} is empty; {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"CUB folder {manual_dir!r} is empty; {EXPECTED_LAYOUT}.")
     missing = [name for name in (*INDEX_FILES, "images") if not os.path.exists(os.path.join(manual_dir, name))]
     if missing:
         nested = sorted(
             name for name in os.listdir(manual_dir) if os.path.isfile(os.path.join(manual_dir, name, "images.txt"))
         )
         hint = f" (its subfolder {nested[0]!r} holds an images.txt: point there)" if nested else ""
-        raise FileNotFoundError(f"CUB folder {manual_dir!r} lacks {', '.join(missing)}{hint}; {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"CUB folder {manual_dir!r} lacks {', '.join(missing)}{hint}; {EXPECTED_LAYOUT}.")
 
 
 def read_cub_index(manual_dir: str) -> CubIndex:
@@ -300,7 +302,7 @@ def load_cub_sources(manual_dir: str, data_dir: str) -> tuple[dict[str, Sequence
     split_sizes = {split: info.splits[split].num_examples for split in SPLITS}
     empty = [split for split, size in split_sizes.items() if size == 0]
     if empty:
-        raise ValueError(f"CUB folder {manual_dir!r}: no decodable images in split(s) {empty}; {EXPECTED_LAYOUT}.")
+        raise DataError(f"CUB folder {manual_dir!r}: no decodable images in split(s) {empty}; {EXPECTED_LAYOUT}.")
     config = builder.builder_config
     info_out = CubSourceInfo(
         num_classes=len(config.class_ids),

@@ -17,9 +17,8 @@ Checkpointing the train position:
     iterator = iter(train_dataset(...))        # a grain DatasetIterator
     state = iterator.get_state()               # small JSON-able dict, e.g. {"next_index": 1234}
     iterator = iter(train_dataset(...)); iterator.set_state(state)   # same arguments -> same next batch
-With orbax, save it as an item handled by `grain.checkpoint.CheckpointHandler` (also exported as
-`grain.python.PyGrainCheckpointHandler`), via `grain.checkpoint.CheckpointSave(iterator)` /
-`grain.checkpoint.CheckpointRestore(iterator)`; each process saves its own state.
+The trainer saves that dict as a JSON item beside the train state in each orbax checkpoint
+(`checkpointing.Checkpointer.save`) and restores it with the state of the same step.
 """
 
 from __future__ import annotations
@@ -215,6 +214,7 @@ class _EvalExample:
     local_batch: int
     process_index: int
     process_count: int
+    crop_fraction: float = 0.875
 
     def __call__(self, local_position: int) -> dict[str, Any]:
         record = global_position(local_position, self.local_batch, self.process_index, self.process_count)
@@ -227,7 +227,7 @@ class _EvalExample:
             }
         element = self.source[record]
         return {
-            "image": eval_transform(element["image"], self.image_size),
+            "image": eval_transform(element["image"], self.image_size, self.crop_fraction),
             "label": np.int32(element["label"]),
             "mask": np.bool_(True),
             "index": np.int32(record),
@@ -239,8 +239,10 @@ def _to_iter_dataset(dataset: grain.MapDataset, read_threads: int, worker_count:
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
     iterable = dataset.to_iter_dataset(options)
     if worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults.
-            flags.FLAGS.mark_as_parsed()
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts worker processes
+            raise RuntimeError("worker_count > 0 needs parsed absl flags (grain's worker processes read them): "
+                               "run through an absl app (fgpair_jax.main), or call "
+                               "absl.flags.FLAGS.mark_as_parsed() first to use their defaults.")
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iterable
 
@@ -298,8 +300,11 @@ def eval_batches(
     process_count: int = 1,
     worker_count: int = 0,
     read_threads: int = 2,
+    crop_fraction: float = 0.875,
 ) -> grain.IterDataset:
     """Every example exactly once, in source order, in fixed-shape batches; iterate it once per evaluation.
+
+    Each image is `eval_transform`ed (shorter side to image_size / crop_fraction, centre crop).
 
     `batch_size` is global; each process yields batch_size // process_count rows per batch and all
     processes yield the same number of batches. The last global batch is padded: mask False, image zeros,
@@ -308,7 +313,7 @@ def eval_batches(
     """
     local_batch = local_batch_size(batch_size, process_count)
     num_batches = -(-len(source) // batch_size)
-    example = _EvalExample(source, image_size, local_batch, process_index, process_count)
+    example = _EvalExample(source, image_size, local_batch, process_index, process_count, crop_fraction)
     batches = grain.MapDataset.range(num_batches * local_batch).map(example).batch(local_batch)
     return _to_iter_dataset(batches, read_threads, worker_count)
 

@@ -10,6 +10,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fgpair_jax.errors import ConfigError
+
 EVAL_SPLITS = ("test", "val")
 # The validation images are drawn with this fixed seed, not the run's seed, so every arm and seed of
 # a tuning experiment is scored on the same images.
@@ -53,10 +55,10 @@ def labels_of(source) -> np.ndarray:
 
 def check_eval_split(eval_split: str, val_fraction: float) -> None:
     if eval_split not in EVAL_SPLITS:
-        raise ValueError(f"config.data.eval_split={eval_split!r}; use 'test' (final runs) or 'val' (tuning: "
+        raise ConfigError(f"config.data.eval_split={eval_split!r}; use 'test' (final runs) or 'val' (tuning: "
                          "a held-out part of train).")
     if eval_split == "val" and not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"config.data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
+        raise ConfigError(f"config.data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
 
 
 def with_validation_as_eval(sources: Mapping, info, val_fraction: float):
@@ -64,7 +66,7 @@ def with_validation_as_eval(sources: Mapping, info, val_fraction: float):
     held-out part; the real test split is dropped, so nothing downstream can read it."""
     fit, val = stratified_split(labels_of(sources["train"]), val_fraction, VALIDATION_SEED)
     if val.size == 0:
-        raise ValueError(f"config.data.val_fraction={val_fraction} holds out no image (it rounds to 0 in every "
+        raise ConfigError(f"config.data.val_fraction={val_fraction} holds out no image (it rounds to 0 in every "
                          "class); raise it, e.g. to 0.1.")
     carved = {"train": Subset(sources["train"], fit), "test": Subset(sources["train"], val)}
     sizes = dict(info.split_sizes, train=int(fit.size), test=int(val.size))

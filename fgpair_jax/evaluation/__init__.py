@@ -5,5 +5,15 @@
 - `linear_probe.linear_probe`: logistic-regression top-1, weight decay chosen on a part of train.
 
 Import them from their modules: re-exporting `linear_probe` here would shadow the module of the same
-name. Feature extraction and metrics.json live in `fgpair_jax.evaluate`.
+name. The encoder's passes over data live in `fgpair_jax.features`, metrics.json in `fgpair_jax.evaluate`.
 """
+
+# The headline numbers of every evaluation (keys of eval/metrics.json, percent), with their short names
+# for tables and figures; the one place they are defined.
+HEADLINE_METRICS = {
+    "linear_top1": "linear top-1",
+    "retrieval_rank1": "R@1",
+    "retrieval_rank5": "R@5",
+    "retrieval_map": "mAP",
+    "knn_top1": "kNN top-1",
+}

@@ -26,10 +26,9 @@ from fgpair_jax.evaluation.retrieval import check_features_and_labels, check_tra
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # No 0: an unregularised fit on separable features has its optimum at infinity, so its result is
-# wherever L-BFGS stops. Its validation accuracy ranged 72.7-76.5 over four quick-table runs while
-# every decay from 1e-6 to 0.1 stayed within 1.5 points, and twice it won that flat curve by 2-3
-# images and then cost 2-3 points on test (results/README.md). Runs evaluated before this grid
-# changed used (0.0,) + this grid; `eval.probe_weight_decays` reproduces them.
+# wherever L-BFGS stops, and it can win a flat validation curve by chance and then lose on test
+# (results/README.md, comparison table). Runs evaluated before this grid changed used (0.0,) + this
+# grid; `eval.probe_weight_decays` reproduces them.
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 GRID_BEFORE_ZERO_WAS_DROPPED = (0.0,) + DEFAULT_WEIGHT_DECAYS
 

@@ -1,23 +1,68 @@
-"""Registry of self-supervised methods, chosen by `config.method`.
+"""Registry of self-supervised methods, chosen by `config.method`, and the interface they implement.
 
-A method is a module exposing three pure functions:
-  init_variables(rng, config) -> {'params': {...}, 'batch_stats': {...}}
-  loss(params, state, view1, view2, rng, config, *, epoch) -> (scalar loss, aux) where aux holds
-      'keys' (to enqueue), 'batch_stats', 'ema_batch_stats', 'metrics' (dict of scalars) and
-      optionally 'extras' (the method's non-trained state); `epoch` is the fractional progress
-  eval_features(params, batch_stats, images, config) -> [B, D] features of the frozen encoder
-a tuple MOMENTUM_SUBTREES naming the params subtrees that have a momentum copy (key encoder), and
-optionally init_extras(config) -> pytree of method state that is not trained.
+A method is a module implementing `Method` (structurally: module-level names). Everything that is
+specific to one method lives in its module: its loss, which parameters have a momentum copy, its
+evaluation features, optimisers of its own parameters, what its figures show, its config checks and
+its ablation arms. Nothing outside `methods/` names a method. Adding one is a module plus an entry
+in `METHODS`.
 """
-import types
+from typing import Any, Dict, Mapping, Protocol, Tuple
 
+import jax
+import optax
+
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import fgpair, lcr, moco
 
-METHODS = {"moco": moco, "lcr": lcr, "fgpair": fgpair}
+
+class Method(Protocol):
+    """What `step.py`, `state.py`, `optim.py`, `evaluate.py`, `viz.py` and `experiments.py` use of a method."""
+
+    MOMENTUM_SUBTREES: Tuple[str, ...]  # params subtrees with a momentum (EMA) copy: the key encoder
+    ABLATIONS: Mapping[str, Mapping[str, Any]]  # experiment arm -> config overrides (dotted keys)
+
+    def init_variables(self, rng: jax.Array, config) -> dict:
+        """Fresh {'params': {...}, 'batch_stats': {...}} (params['encoder'] is the encoder)."""
+
+    def init_extras(self, config) -> Any:
+        """Method state that is not trained (e.g. a variance EMA); {} if none."""
+
+    def loss(self, params, state, view1, view2, rng, config, *, epoch) -> Tuple[jax.Array, dict]:
+        """(scalar loss, aux): aux holds 'keys' [B, d] to enqueue, 'batch_stats', 'ema_batch_stats',
+        'metrics' (dict of scalars, 'loss' among them) and optionally 'extras'; `epoch` is the
+        fractional training progress (float32 scalar)."""
+
+    def eval_features(self, params, batch_stats, images, config) -> jax.Array:
+        """[B, D] float features of the frozen encoder for normalised [B, S, S, 3] images."""
+
+    def optimizer_partitions(self, config) -> Dict[str, optax.GradientTransformation]:
+        """Top-level params subtrees trained by an optimiser of their own ({} if none)."""
+
+    def figure_arrays(self, state, images, rng, config) -> dict:
+        """numpy arrays the figures show for normalised [B, S, S, 3] images: 'cam' [B, S, S] in [0, 1]
+        and, for a method that synthesizes images, 'pair_a' / 'pair_b' [B, S, S, 3] (normalised)."""
+
+    def validate(self, config) -> None:
+        """Raise `ConfigError` (one line naming the key) for a value of this method's knobs out of range."""
 
 
-def get_method(name: str) -> types.ModuleType:
-    """The method module registered as `name`, or a one-line error listing the choices."""
+METHODS: Dict[str, Method] = {"moco": moco, "lcr": lcr, "fgpair": fgpair}
+BASELINE = "moco"  # the method every gain is measured against (experiments.py)
+
+
+def get_method(name: str) -> Method:
+    """The method registered as `name`, or a one-line `ConfigError` listing the choices."""
     if name not in METHODS:
-        raise ValueError(f"Unknown config.method={name!r}; choose one of {sorted(METHODS)}.")
+        raise ConfigError(f"Unknown config.method={name!r}; choose one of {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def experiment_arms() -> Dict[str, Dict[str, Any]]:
+    """arm -> config overrides: every method under its own name, each method's ablations, and 'init'
+    (the initial encoder evaluated without a single SSL step: what the SSL budget has to beat)."""
+    arms = {}
+    for name, method in METHODS.items():
+        arms[name] = {"method": name}
+        arms.update({arm: {"method": name, **overrides} for arm, overrides in method.ABLATIONS.items()})
+    arms["init"] = {"method": BASELINE, "num_epochs": 0}
+    return arms

@@ -1,7 +1,7 @@
 """fgpair (Wang et al., ECCV 2024): learn to ignore non-discriminative feature dimensions from
 synthesized pairs. L = L_C + alpha * L_R + nu * L_Cp.
 
-One step, as this project reads the paper (DESIGN.md §1; every choice is a `config.fgpair` knob):
+One step, as this project reads the paper (README "Our reading"; every choice is a `config.fgpair` knob):
 1. L_C: MoCo v2 on the two augmented views (`moco.contrastive_loss`); h = pooled query features.
 2. Grad-CAM from L_C on the last feature map (`gradcam.py`) -> per-dimension importance w.
 3. Per-dimension variance v of h over the global batch (optionally an EMA across steps).
@@ -17,14 +17,20 @@ with their own batch statistics, but their statistic updates are discarded.
 """
 import jax
 import jax.numpy as jnp
+import optax
 
 from fgpair_jax import contrastive, gradcam, synthesis
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import moco
 from fgpair_jax.models import feature_dim
 from fgpair_jax.models.decoder import Decoder
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
 eval_features = moco.eval_features
+# Experiment arms: the method itself and the ablations of which dimensions are perturbed.
+ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
+             **{criterion: {"fgpair.criterion": criterion} for criterion in synthesis.CRITERIA if criterion != "both"}}
+DECODER_OPTIMIZERS = ("adam", "sgd")
 
 
 def decoder(config) -> Decoder:
@@ -46,6 +52,26 @@ def init_extras(config) -> dict:
             "variance_initialized": jnp.zeros((), jnp.bool_)}
 
 
+def decoder_optimizer(config) -> optax.GradientTransformation:
+    """The decoder's own optimiser, `fgpair.decoder_optimizer` at a constant `decoder_learning_rate`
+    (our reading: the paper does not say).
+
+    Why not the encoder's SGD: a decoder trained from scratch by SGD at the fine-tuning learning rate
+    renders grey noise after a quick run's steps, where Adam already renders coloured layouts
+    (results/README.md). It learns only from L_R, so its optimiser does not change what the encoder
+    optimises.
+    """
+    c = config.fgpair
+    if c.decoder_optimizer == "adam":
+        return optax.adam(c.decoder_learning_rate)
+    return optax.sgd(c.decoder_learning_rate, momentum=config.optim.momentum)
+
+
+def optimizer_partitions(config) -> dict:
+    """The decoder (params['decoder']) trains with `decoder_optimizer`; the rest with the run's SGD."""
+    return {"decoder": decoder_optimizer(config)}
+
+
 def pair_weight(config, epoch: jax.Array) -> jax.Array:
     """nu_t: 0 during the decoder warm-up, then a linear ramp over `ramp_epochs` up to `nu`."""
     c = config.fgpair
@@ -54,6 +80,14 @@ def pair_weight(config, epoch: jax.Array) -> jax.Array:
     else:
         ramp = jnp.where(jnp.asarray(epoch) >= c.warmup_epochs, 1.0, 0.0)
     return c.nu * ramp
+
+
+def ranking_variance(extras, batch_variance, config) -> jax.Array:
+    """The per-dimension variance [D] the mask ranks by: the EMA in `extras` when
+    `variance_ema_decay` > 0 and it has been set, else this batch's."""
+    if config.fgpair.variance_ema_decay > 0:
+        return jnp.where(extras["variance_initialized"], extras["feature_variance"], batch_variance)
+    return batch_variance
 
 
 def gradcam_importance(params, query, keys, queue, config) -> jax.Array:
@@ -118,7 +152,8 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     variance_ema, initialized = synthesis.update_variance_ema(
         extras["feature_variance"], batch_variance, config.fgpair.variance_ema_decay,
         extras["variance_initialized"])
-    variance = variance_ema if config.fgpair.variance_ema_decay > 0 else batch_variance
+    variance = ranking_variance({"feature_variance": variance_ema, "variance_initialized": initialized},
+                                batch_variance, config)
     importance = gradcam_importance(params, query, aux["keys"], state.queue, config)
     mask = nondiscriminative_mask(mask_rng, importance, variance, config)
 
@@ -128,8 +163,8 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     image_a = jax.lax.stop_gradient(reconstruction)
 
     nu_t = pair_weight(config, epoch)
-    # Computed in every step (its weight is 0 during the warm-up): a lax.cond around it measured 2x
-    # slower on CPU than always computing it.
+    # Computed in every step (its weight is 0 during the warm-up): a lax.cond around it was slower on
+    # CPU than always computing it (results/README.md).
     loss_cp, pair_accuracy = synthesized_pair_loss(params, state, image_a, rendered_perturbed, pair_rng, config)
     total = loss_c + config.fgpair.alpha * loss_r + nu_t * loss_cp
     aux["extras"] = {"feature_variance": variance_ema, "variance_initialized": initialized}
@@ -142,3 +177,42 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
         "mask_fraction": jnp.mean(mask),
     })
     return total, aux
+
+
+def figure_arrays(state, images, rng, config) -> dict:
+    """MoCo's Grad-CAM figure plus the synthesized pair of each image: 'pair_a' = d(h), 'pair_b' =
+    d(h') (normalised [B, S, S, 3]) and the 'mask' [D], chosen exactly as a training step chooses it
+    (the batch is `images`; the variance EMA of the state when the run ranks by it)."""
+    mask_rng, perturb_rng = jax.random.split(rng)
+    out = moco.figure_arrays(state, images, rng, config)
+    query, _ = moco.embed(state.params, state.batch_stats, images, config, train=False)
+    keys, _ = moco.embed(state.ema_params, state.ema_batch_stats, images, config, train=False)
+    importance = gradcam_importance(state.params, query, keys.projection, state.queue, config)
+    batch_variance = synthesis.feature_variance(query.pooled, relative=config.fgpair.relative_variance)
+    mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.extras, batch_variance, config),
+                                  config)
+    pair_a, pair_b = synthesize_pair(state.params, query.pooled, mask, perturb_rng, config)
+    out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask}))
+    return out
+
+
+def validate(config) -> None:
+    """`ConfigError` for fgpair knobs out of range (MoCo's are checked too)."""
+    moco.validate(config)
+    c = config.fgpair
+    choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS,
+               "perturbation": synthesis.PERTURBATIONS, "gradcam_score": gradcam.IMPORTANCE_SCORES,
+               "decoder_optimizer": DECODER_OPTIMIZERS}
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            raise ConfigError(f"config.fgpair.{key}={c[key]!r}: use one of {allowed}.")
+    for key in ("variance_fraction", "gradcam_fraction"):
+        if not 0.0 <= c[key] <= 1.0:
+            raise ConfigError(f"config.fgpair.{key}={c[key]} must lie in [0, 1].")
+    for key in ("alpha", "nu", "sigma", "warmup_epochs", "ramp_epochs", "decoder_learning_rate"):
+        if c[key] < 0:
+            raise ConfigError(f"config.fgpair.{key}={c[key]} must be >= 0.")
+    if not 0.0 <= c.variance_ema_decay < 1.0:
+        raise ConfigError(f"config.fgpair.variance_ema_decay={c.variance_ema_decay} must lie in [0, 1).")
+    if c.pair_stride < 1:
+        raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} must be >= 1 (1 = every image gets a pair).")

@@ -12,10 +12,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fgpair_jax import gradcam
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import moco
 from fgpair_jax.models import feature_dim
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
+ABLATIONS = {}
+init_extras = moco.init_extras
+optimizer_partitions = moco.optimizer_partitions  # the attention branch follows the run's SGD
+figure_arrays = moco.figure_arrays
 
 
 class AttentionBranch(nn.Module):
@@ -67,3 +72,9 @@ def eval_features(params, batch_stats, images, config) -> jax.Array:
     (feature_map, _), _ = moco.encode(params, batch_stats, images, config, train=False)
     weights = attention(params, feature_map)
     return jnp.einsum("bhw,bhwd->bd", weights, feature_map)
+
+
+def validate(config) -> None:
+    moco.validate(config)
+    if config.lcr.weight < 0:
+        raise ConfigError(f"config.lcr.weight={config.lcr.weight} must be >= 0 (LCR: 0.01).")

@@ -2,8 +2,8 @@
 
 The pieces other methods reuse are public here: `init_variables` (encoder + projection head),
 `embed` (one encoder pass -> feature map, pooled vector, normalised projection) and `momentum_keys`
-(the key pass with shuffle-BN). A method is a module with `init_variables`, `loss` and `eval_features`
-(see `methods/__init__.py`).
+(the key pass with shuffle-BN). A method is a module implementing `methods.Method`; the members this
+module defines for MoCo are the defaults the other methods re-export where they agree.
 
 Shuffle-BN under jit: the encoder normalises each of `config.model.bn_groups` contiguous slices of the
 batch with its own statistics (`models/norm.py`), and the key batch is randomly permuted before the
@@ -15,12 +15,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fgpair_jax import contrastive
+from fgpair_jax import contrastive, gradcam
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.models import build_encoder, feature_dim
 from fgpair_jax.models.heads import ProjectionMLP
 
 # Subtrees of `params` that have a momentum (EMA) copy used as the key encoder.
 MOMENTUM_SUBTREES = ("encoder", "head")
+ABLATIONS = {}  # MoCo v2 is the baseline: no arms of its own
 
 
 class Embedding(NamedTuple):
@@ -127,3 +129,45 @@ def eval_features(params, batch_stats, images, config) -> jax.Array:
     """Frozen-encoder features for evaluation: the pooled vector of the query encoder (running BN stats)."""
     (_, pooled), _ = encode(params, batch_stats, images, config, train=False)
     return pooled
+
+
+def init_extras(config) -> dict:
+    """MoCo keeps no untrained state besides the queue (which `TrainState` holds for every method)."""
+    del config
+    return {}
+
+
+def optimizer_partitions(config) -> dict:
+    """Every parameter follows the run's SGD (`optim.py`): no optimiser of its own."""
+    del config
+    return {}
+
+
+def gradcam_of_ssl_loss(state, images, config) -> jax.Array:
+    """Grad-CAM maps [B, S, S] in [0, 1] of L_C for normalised [B, S, S, 3] images (the frozen online
+    encoder with running BN statistics; keys from the momentum encoder on the same images, negatives
+    from the state's queue), resized to the image size: what the SSL objective attends to."""
+    query, _ = embed(state.params, state.batch_stats, images, config, train=False)
+    keys, _ = embed(state.ema_params, state.ema_batch_stats, images, config, train=False)
+    loss_of_map = contrastive_loss_of_feature_map(state.params, keys.projection, state.queue, config)
+    cam = gradcam.gradcam_maps(query.feature_map, gradcam.loss_gradient_wrt_feature_map(loss_of_map, query.feature_map))
+    cam = cam / jnp.maximum(jnp.max(cam, axis=(1, 2), keepdims=True), 1e-12)
+    return jax.image.resize(cam, (cam.shape[0],) + images.shape[1:3], "bilinear")
+
+
+def figure_arrays(state, images, rng, config) -> dict:
+    """{'cam': Grad-CAM of the SSL loss} (`gradcam_of_ssl_loss`) as numpy."""
+    del rng
+    return jax.device_get({"cam": gradcam_of_ssl_loss(state, images, config)})
+
+
+def validate(config) -> None:
+    """`ConfigError` for MoCo knobs out of range (they are shared by every method built on MoCo)."""
+    m = config.moco
+    if not m.temperature > 0:
+        raise ConfigError(f"config.moco.temperature={m.temperature} must be > 0 (MoCo v2: 0.2).")
+    if not 0.0 <= m.momentum <= 1.0:
+        raise ConfigError(f"config.moco.momentum={m.momentum} must lie in [0, 1] (MoCo v2: 0.999).")
+    if m.dim < 1 or m.queue_size < 0 or not 0.0 < m.queue_fraction <= 1.0:
+        raise ConfigError(f"config.moco: dim={m.dim} must be >= 1, queue_size={m.queue_size} >= 0 and "
+                          f"queue_fraction={m.queue_fraction} in (0, 1].")

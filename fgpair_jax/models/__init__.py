@@ -1,68 +1,127 @@
-"""Encoder registry: `build_encoder(config.model)` returns a linen module whose
-`apply(variables, images, train=...)` gives `(feature_map [B,h,w,D], pooled [B,D])`.
+"""Encoder registry: one `Encoder` record per name in `ENCODERS`, chosen by `config.model.name`.
 
-Add an encoder by registering a constructor `fn(model_config) -> nn.Module` in `ENCODERS`.
+A record holds every fact about an encoder the rest of the code needs: how to build it (a linen module
+whose `apply(variables, images, train=...)` gives `(feature_map [B,h,w,D], pooled [B,D])`), its feature
+width D, the input scaling its pretrained weights expect, which top-level modules `model.frozen_stages`
+freezes, and where its ImageNet weights come from (`model.init="imagenet"`). Adding an encoder is one
+entry in `ENCODERS`.
 """
-from typing import Callable, Dict
+import dataclasses
+import os
+from typing import Callable, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
+from fgpair_jax import pretrained
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.models import efficientnet_lite, resnet
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IMAGENET = "imagenet"  # config.model.init value: the record's ImageNet weights
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Normalization = Tuple[Tuple[float, float, float], Tuple[float, float, float]]  # (mean, std) of [0, 1] pixels
+IMAGENET_NORMALIZATION: Normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def _dtype(model_config) -> jnp.dtype:
-    name = model_config.get("dtype", "float32")
-    if name not in _DTYPES:
-        raise ValueError(f"config.model.dtype={name!r} is not one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
+def _no_frozen_stages(frozen_stages: int) -> Tuple[str, ...]:
+    if frozen_stages:
+        raise ConfigError(f"config.model.frozen_stages={frozen_stages} is supported for efficientnet_lite0 only; "
+                          "set it to 0.")
+    return ()
 
 
-ENCODERS: Dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "resnet18": lambda c: resnet.ResNet18(bn_groups=c.bn_groups, dtype=_dtype(c)),
-    "resnet50": lambda c: resnet.ResNet50(bn_groups=c.bn_groups, dtype=_dtype(c)),
-    "resnet_tiny": lambda c: resnet.ResNetTiny(bn_groups=c.bn_groups, dtype=_dtype(c)),  # tests, smoke runs
-    "efficientnet_lite0": lambda c: efficientnet_lite.EfficientNetLite0(
-        bn_groups=c.bn_groups, dtype=_dtype(c), depthwise_impl=c.get("depthwise_impl", "auto"),
-        frozen_stages=c.get("frozen_stages", 0)),
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    build: Callable[..., nn.Module]  # (bn_groups=, dtype=, frozen_stages=, depthwise_impl=) -> module
+    feature_dim: int  # width D of the pooled feature vector
+    normalization: Normalization = IMAGENET_NORMALIZATION  # input scaling of its pretrained weights
+    frozen_modules: Callable[[int], Tuple[str, ...]] = _no_frozen_stages  # frozen_stages -> module names
+    imagenet_weights: Optional[Callable[[], str]] = None  # -> path of a torch checkpoint (may download)
+
+
+def _resnet(constructor):
+    return lambda bn_groups, dtype, **unused: constructor(bn_groups=bn_groups, dtype=dtype)
+
+
+def _torchvision(name: str) -> Callable[[], str]:
+    return lambda: pretrained.torchvision_checkpoint_path(name)
+
+
+ENCODERS = {
+    "resnet18": Encoder(_resnet(resnet.ResNet18), 512, imagenet_weights=_torchvision("resnet18")),
+    "resnet50": Encoder(_resnet(resnet.ResNet50), 2048, imagenet_weights=_torchvision("resnet50")),
+    "resnet_tiny": Encoder(_resnet(resnet.ResNetTiny), 64),  # tests and smoke runs; no pretrained weights
+    # The packaged EfficientNet-Lite0 (TF lineage) was trained on (x - 127) / 128 of 0-255 pixels.
+    "efficientnet_lite0": Encoder(efficientnet_lite.EfficientNetLite0, 1280,
+                                  normalization=((127 / 255,) * 3, (128 / 255,) * 3),
+                                  frozen_modules=efficientnet_lite.frozen_module_names,
+                                  imagenet_weights=pretrained.imagenet_checkpoint_path),
 }
 
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "resnet_tiny": 64, "efficientnet_lite0": 1280}
+
+def encoder_record(model_config) -> Encoder:
+    """The `Encoder` named by `model_config.name`; `ConfigError` listing the registered names otherwise."""
+    if model_config.name not in ENCODERS:
+        raise ConfigError(f"Unknown encoder config.model.name={model_config.name!r}; choose one of "
+                          f"{sorted(ENCODERS)}.")
+    return ENCODERS[model_config.name]
+
+
+def compute_dtype(model_config) -> jnp.dtype:
+    name = model_config.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ConfigError(f"config.model.dtype={name!r} is not one of {sorted(DTYPES)}.")
+    return DTYPES[name]
 
 
 def build_encoder(model_config) -> nn.Module:
-    """The encoder named by `model_config.name`, or a clear error listing the registered ones."""
-    if model_config.name not in ENCODERS:
-        raise ValueError(
-            f"Unknown encoder config.model.name={model_config.name!r}; choose one of {sorted(ENCODERS)}."
-        )
-    return ENCODERS[model_config.name](model_config)
+    """The linen encoder module of `model_config` (name, dtype, bn_groups, frozen_stages, depthwise_impl)."""
+    return encoder_record(model_config).build(
+        bn_groups=model_config.bn_groups, dtype=compute_dtype(model_config),
+        frozen_stages=model_config.get("frozen_stages", 0), depthwise_impl=model_config.get("depthwise_impl", "auto"))
 
 
-# Input scaling each encoder's pretrained weights expect, as (mean, std) of [0, 1] pixels. The packaged
-# EfficientNet-Lite0 (TF lineage) was trained on (x - 127) / 128 of 0-255 pixels, not ImageNet mean/std.
-_IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-INPUT_NORMALIZATION = {"efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3)}
+def input_normalization(model_config) -> Normalization:
+    """(mean, std) per RGB channel of [0, 1] pixels that the named encoder expects."""
+    return encoder_record(model_config).normalization
 
 
-def input_normalization(model_config):
-    """(mean, std) per RGB channel of [0, 1] pixels for the named encoder (ImageNet's by default)."""
-    return INPUT_NORMALIZATION.get(model_config.name, _IMAGENET_NORMALIZATION)
-
-
-def frozen_modules(model_config) -> tuple:
+def frozen_modules(model_config) -> Tuple[str, ...]:
     """Top-level encoder modules whose parameters must not change (`model.frozen_stages`)."""
-    if model_config.name == "efficientnet_lite0":
-        return efficientnet_lite.frozen_module_names(model_config.get("frozen_stages", 0))
-    if model_config.get("frozen_stages", 0):
-        raise ValueError(f"config.model.frozen_stages is supported for efficientnet_lite0 only, not "
-                         f"{model_config.name!r}; set it to 0.")
-    return ()
+    return encoder_record(model_config).frozen_modules(model_config.get("frozen_stages", 0))
 
 
 def feature_dim(model_config) -> int:
     """Width D of the pooled feature vector of the named encoder."""
-    return FEATURE_DIMS[model_config.name]
+    return encoder_record(model_config).feature_dim
+
+
+def abstract_encoder_variables(model_config):
+    """Shapes and dtypes of the encoder's `{"params", "batch_stats"}` (`jax.eval_shape`: nothing computed)."""
+    model = build_encoder(model_config)
+    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+
+
+def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> dict:
+    """Encoder variables `{"params", "batch_stats"}` for `init` = "imagenet" or a torch checkpoint path.
+
+    "imagenet" reads the encoder record's `imagenet_weights`. The variables are checked against the
+    encoder `model_config` builds (every key and shape, classifier aside; `pretrained.CheckpointError`
+    on a mismatch); the checkpoint's classifier, if any, is kept under params/fc for checking logits.
+    Raises `ConfigError` for "imagenet" on an encoder without ImageNet weights.
+    """
+    if init == IMAGENET:
+        source = encoder_record(model_config).imagenet_weights
+        if source is None:
+            have = sorted(name for name, record in ENCODERS.items() if record.imagenet_weights)
+            raise ConfigError(f"init='imagenet' has weights for {have}, not {model_config.name!r}; use "
+                              "config.model.init='none' or the path of a torch checkpoint of that model.")
+        path = source()
+    else:
+        path = init
+    variables = pretrained.convert_checkpoint(path, cache_dir)
+    pretrained.check_layout(abstract_encoder_variables(model_config), pretrained.without_classifier(variables),
+                            f"checkpoint {os.path.basename(path)!r} for {model_config.name}")
+    return variables

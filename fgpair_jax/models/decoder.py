@@ -4,11 +4,11 @@ LayerNorm(h) -> two paths, summed:
 - coarse: a zero-initialised linear map to an s x s RGB grid, bilinearly upsampled to S x S;
 - detail: dense -> s x s grid -> (nearest x2 upsample, 3x3 conv, GroupNorm, ReLU) blocks -> 3x3 conv to RGB.
 
-Why these pieces (measured on 1,024 CUB images with frozen ImageNet EfficientNet-Lite0 features, Adam
-1e-3, 92 steps of 16 — a quick run's budget): the detail path alone renders the same mean-image blob for
-every input (pooled features are unnormalised and the conv stack learns slowly); LayerNorm on the input
-plus the coarse path, which starts at zero and so adds nothing until it has learnt something, give each
-image its own colour layout (a dark blob for a black bird, a red one for a cardinal). GroupNorm, not
+Why these pieces (at a quick run's budget, results/README.md): the detail path alone renders the same
+mean-image blob for every input (pooled features are unnormalised and the conv stack learns slowly);
+LayerNorm on the input plus the coarse path, which starts at zero and so adds nothing until it has
+learnt something, give each image its own colour layout (a dark blob for a black bird, a red one for a
+cardinal). GroupNorm, not
 BatchNorm: the decoder's output must not depend on which images share its batch (the original and the
 perturbed vector of an image are decoded in different batches), and it keeps no running statistics.
 """

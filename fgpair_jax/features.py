@@ -1,0 +1,127 @@
+"""The frozen encoder's passes over a data split: feature extraction, the kNN monitor during training,
+and batch-norm recalibration (precise BN) for evaluation. Everything that runs the encoder over a
+whole split lives here; `evaluation/` holds the pure metrics of the features these passes return.
+
+Every pass reads the split with `pipeline.eval_batches` (each image once, centre-cropped by
+`data.eval_crop_fraction`, padded to whole batches and masked), places the batch sharded over the mesh
+and keeps the weights replicated.
+
+Precise BN (`eval.recompute_bn_stats`, off by default): the encoder's running statistics recomputed on
+clean train images, as the plain average of per-batch statistics (train images only: the test split
+stays out of every choice). During SSL the running statistics follow the strongly augmented training
+batches; for encoders trained from scratch recomputing them is the usual remedy. For an ImageNet start
+it hurts, and keeping ImageNet's statistics (`model.keep_bn_stats`) is what helps (results/README.md).
+The encoder modules are not changed: a train-mode pass updates each statistic to m * old + (1 - m) * batch,
+so a pass from all-zero statistics gives (1 - m) * batch, and m per layer is read once by also passing
+from all-one statistics. That holds for the updating layers only (they normalise with the batch's own
+statistics in train mode); frozen modules (`model.frozen_stages`) normalise with their running
+statistics even in train mode, so they keep theirs throughout.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fgpair_jax import parallel
+from fgpair_jax.data import augment, pipeline
+from fgpair_jax.evaluation.knn import knn_top1
+from fgpair_jax.errors import ConfigError
+from fgpair_jax.methods import get_method
+from fgpair_jax.models import build_encoder, frozen_modules, input_normalization
+
+
+def split_batches(source, config):
+    """This process's share of every global evaluation batch of `source` (`pipeline.eval_batches`)."""
+    return pipeline.eval_batches(
+        source, batch_size=config.eval.batch_size, image_size=config.data.image_size,
+        crop_fraction=config.data.eval_crop_fraction, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=config.data.worker_count)
+
+
+def _on_mesh(fn, mesh):
+    """`fn(params, batch_stats, images)` jitted: weights replicated, images split over the mesh."""
+    return jax.jit(fn, in_shardings=(parallel.replicated(mesh),) * 2 + (parallel.batch_sharded(mesh),),
+                   out_shardings=parallel.replicated(mesh))
+
+
+def make_feature_fn(config, mesh):
+    """Jitted (params, batch_stats, uint8 images [B, S, S, 3]) -> [B, D] float features of the method's
+    frozen encoder (`Method.eval_features`)."""
+    method = get_method(config.method)
+    mean, std = input_normalization(config.model)
+    return _on_mesh(lambda params, batch_stats, images: method.eval_features(
+        params, batch_stats, augment.normalize(images, mean, std), config), mesh)
+
+
+def extract_features(feature_fn, params, batch_stats, source, config, mesh):
+    """(features [N, D] float32, labels [N] int32) of every example of `source`, in source order."""
+    features, labels, indices = [], [], []
+    for batch in split_batches(source, config):
+        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
+        out = np.asarray(jax.device_get(feature_fn(params, batch_stats, images)))
+        # Every process sees the replicated global result; keep the valid rows of the global batch.
+        meta = {"label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
+        if jax.process_count() > 1:
+            meta = multihost_utils.process_allgather(meta, tiled=True)
+        valid = np.asarray(meta["mask"])
+        features.append(out[valid])
+        labels.append(np.asarray(meta["label"])[valid])
+        indices.append(np.asarray(meta["index"])[valid])
+    order = np.argsort(np.concatenate(indices), kind="stable")
+    return np.concatenate(features)[order].astype(np.float32), np.concatenate(labels)[order].astype(np.int32)
+
+
+def knn_monitor(feature_fn, state, sources, config, mesh, num_classes) -> float:
+    """Weighted kNN top-1 (percent) of `state`'s encoder, train -> eval split: the cheap quality signal
+    logged during training."""
+    train = extract_features(feature_fn, state.params, state.batch_stats, sources["train"], config, mesh)
+    test = extract_features(feature_fn, state.params, state.batch_stats, sources["test"], config, mesh)
+    return knn_top1(*train, *test, k=config.eval.knn_k, temperature=config.eval.knn_temperature,
+                    num_classes=num_classes)
+
+
+def make_statistics_fn(config, mesh):
+    """Jitted (params, encoder batch_stats, uint8 images) -> the encoder's statistics after one
+    train-mode update from `batch_stats` on those images."""
+    mean, std = input_normalization(config.model)
+    encoder = build_encoder(config.model)
+
+    def updated(params, encoder_stats, images):
+        variables = {"params": params["encoder"], "batch_stats": encoder_stats}
+        _, new = encoder.apply(variables, augment.normalize(images, mean, std), train=True, mutable=["batch_stats"])
+        return new["batch_stats"]
+
+    return _on_mesh(updated, mesh)
+
+
+def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
+    """`batch_stats` with the encoder's updating statistics replaced by their average over the full
+    `eval.batch_size` batches of `source` (normally the train split); the partial last batch is left out.
+    Raises `ConfigError` when `source` holds fewer than one batch."""
+    num_batches = len(source) // config.eval.batch_size
+    if num_batches == 0:
+        raise ConfigError(f"eval.recompute_bn_stats needs at least eval.batch_size={config.eval.batch_size} train "
+                          f"images, the split has {len(source)}; lower config.eval.batch_size.")
+    statistics_fn = make_statistics_fn(config, mesh)
+    frozen = frozen_modules(config.model)
+    old_stats = batch_stats["encoder"]
+
+    def starting_from(value):  # `value` in every updating layer; frozen modules keep their statistics
+        return {name: stats if name in frozen else jax.tree.map(lambda x: jnp.full_like(x, value), stats)
+                for name, stats in old_stats.items()}
+
+    zeros, ones = starting_from(0.0), starting_from(1.0)
+    total, momentum = None, None
+    for index, batch in zip(range(num_batches), split_batches(source, config)):
+        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
+        scaled = statistics_fn(params, zeros, images)  # (1 - m) * this batch's statistics
+        if index == 0:
+            momentum = jax.tree.map(jnp.subtract, statistics_fn(params, ones, images), scaled)
+        total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
+
+    def average(summed, m):
+        return summed / (num_batches * (1.0 - m))
+
+    encoder_stats = {name: stats if name in frozen else jax.tree.map(average, total[name], momentum[name])
+                     for name, stats in old_stats.items()}
+    return {**batch_stats, "encoder": encoder_stats}

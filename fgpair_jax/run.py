@@ -1,0 +1,102 @@
+"""A run is built or restored here, and only here: resume first, else a fresh start.
+
+`plan` derives everything a run's shape depends on (steps per epoch, optimiser, queue size) and the
+restore template: the `TrainState` as `jax.eval_shape` sees it, with its sharding, so nothing is
+materialised, no optimiser runs and no weight is read to restore a checkpoint. Pretrained weights
+(`config.model.init`) are loaded only when the workdir has no checkpoint (`fresh_state`): a resumed or
+re-evaluated run needs nothing but its own workdir.
+"""
+import dataclasses
+import functools
+import os
+from typing import Optional, Tuple
+
+import jax
+import optax
+
+from fgpair_jax import checkpointing, optim, parallel, pretrained
+from fgpair_jax import state as state_lib
+from fgpair_jax.data import pipeline
+from fgpair_jax.errors import MissingFileError
+from fgpair_jax.methods import get_method
+from fgpair_jax.models import load_pretrained
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    steps_per_epoch: int
+    total_steps: int
+    queue_size: int  # MoCo queue length K
+    tx: optax.GradientTransformation
+    abstract_state: state_lib.TrainState  # jax.ShapeDtypeStruct leaves, replicated over the mesh
+
+
+def plan(config, num_train_examples: int, mesh) -> RunPlan:
+    """The `RunPlan` of `config` on `num_train_examples` images and `mesh` (cheap: shapes only).
+
+    Raises `ConfigError` when the global batch does not divide over the mesh or the queue size does
+    not fit the batch."""
+    parallel.check_batch_divisible(config.global_batch_size, mesh)
+    steps_per_epoch = pipeline.steps_per_epoch(num_train_examples, config.global_batch_size)
+    tx = optim.make_optimizer(config, steps_per_epoch)
+    queue_size = state_lib.resolve_queue_size(config, num_train_examples)
+    create = functools.partial(state_lib.create_train_state, config, tx=tx, queue_size=queue_size)
+    shapes = jax.eval_shape(create, jax.random.key(config.seed))
+    replicated = parallel.replicated(mesh)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    return RunPlan(steps_per_epoch, config.num_epochs * steps_per_epoch, queue_size, tx, abstract)
+
+
+def open_checkpoints(config, workdir: str, run_plan: RunPlan) -> checkpointing.Checkpointer:
+    """The run's `<workdir>/checkpoints` manager, with the fingerprint its checkpoints must match."""
+    return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
+                                      checkpointing.fingerprint(config, run_plan.abstract_state))
+
+
+def pretrained_variables(config, workdir: str) -> Optional[dict]:
+    """The method's fresh variables with the encoder replaced by `config.model.init` weights; None for
+    'none'. Converted once (cached under `<workdir>/pretrained`) and checked key by key."""
+    if config.model.init == "none":
+        return None
+    method = get_method(config.method)
+    variables = jax.jit(lambda r: method.init_variables(r, config))(jax.random.key(config.seed))
+    loaded = load_pretrained(config.model.init, config.model, os.path.join(workdir, "pretrained"))
+    encoder = pretrained.merge_pretrained(
+        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]},
+        loaded, what=f"config.model.init={config.model.init!r}")
+    variables["params"]["encoder"] = encoder["params"]
+    variables["batch_stats"]["encoder"] = encoder["batch_stats"]
+    return variables
+
+
+def fresh_state(config, workdir: str, run_plan: RunPlan, mesh) -> state_lib.TrainState:
+    """Step 0 of the run, replicated over `mesh`: random init, the encoder from `config.model.init`."""
+    state = state_lib.create_train_state(config, jax.random.key(config.seed), run_plan.tx, run_plan.queue_size,
+                                         pretrained_variables(config, workdir))
+    return jax.device_put(state, parallel.replicated(mesh))
+
+
+def restore_or_start(config, workdir: str, run_plan: RunPlan, mesh,
+                     checkpointer: checkpointing.Checkpointer) -> Tuple[state_lib.TrainState, Optional[dict]]:
+    """(state, data iterator state) of the latest checkpoint, or (`fresh_state`, None) when there is none.
+
+    Raises `ConfigError` (one line, nothing on disk touched) when the checkpoint was written by another
+    config: another model or method, other shapes, or another value of a key that defines training
+    (`run_config.training_fingerprint`: epochs, batch, learning rate, ...)."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return fresh_state(config, workdir, run_plan, mesh), None
+    return checkpointer.restore(run_plan.abstract_state, step), checkpointer.restore_data_state(step)
+
+
+def restore_latest(config, workdir: str, num_train_examples: int, mesh) -> state_lib.TrainState:
+    """The latest checkpointed state of a run (for re-evaluation); `MissingFileError` if there is none."""
+    run_plan = plan(config, num_train_examples, mesh)
+    checkpointer = open_checkpoints(config, workdir, run_plan)
+    try:
+        if checkpointer.latest_step() is None:
+            raise MissingFileError(f"No checkpoint in {checkpointer.directory}: train first with "
+                                   "`python -m fgpair_jax.main`.")
+        return checkpointer.restore(run_plan.abstract_state)
+    finally:
+        checkpointer.close()

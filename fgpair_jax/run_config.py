@@ -1,0 +1,168 @@
+"""A run's config: checked before anything is built, saved as `<workdir>/config.json`, read back and
+migrated, and compared with the config a checkpoint was trained under.
+
+- `validate`: every name (method, encoder, data set) and value range, one `ConfigError` line naming
+  the key, before any data is built or any weight is loaded.
+- `resolved`: paths made absolute, so `config.json` works from any directory.
+- `save` / `load`: `config.json`; `load` fills keys the saved config predates (`migrate`).
+- `training_fingerprint`: the keys a resumed run must not change (everything that defines what and
+  how it trains: the schedule, the method, the data), so `config.json` always describes what trained.
+- `override`: dotted-key overrides (`{"fgpair.sigma": 2.0}`), ml_collections' own.
+"""
+import json
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+
+from fgpair_jax import numerics
+from fgpair_jax.data import sources as data_sources, splits
+from fgpair_jax.errors import ConfigError, MissingFileError
+from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
+from fgpair_jax.methods import get_method
+from fgpair_jax.models import compute_dtype, frozen_modules
+
+CONFIG_FILE = "config.json"
+
+# Keys added after runs were first saved, with the value that reproduces what those runs did (not
+# today's default), so that older workdirs re-evaluate and resume unchanged.
+KEYS_ADDED_SINCE = {
+    "data.eval_split": "test",
+    "data.val_fraction": 0.1,
+    "data.eval_crop_fraction": 0.875,
+    "optim.encoder_lr_scale": 1.0,
+    "eval.probe_weight_decays": GRID_BEFORE_ZERO_WAS_DROPPED,
+    "eval.recompute_bn_stats": False,
+    "model.keep_bn_stats": False,
+    "model.dtype": "float32",
+    "model.frozen_stages": 0,
+    "model.depthwise_impl": "auto",
+}
+
+# Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an
+# op is implemented (same numbers). Every other key defines what trains and must stay as it was.
+MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
+                        "data.manual_dir", "data.data_dir", "model.depthwise_impl")
+
+
+def override(config: ml_collections.ConfigDict, dotted: Dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with `{"a.b": value}` overrides applied (an unknown key raises KeyError)."""
+    config = config.copy_and_resolve_references()
+    config.update_from_flattened_dict(dotted)
+    return config
+
+
+def flatten(config) -> Dict[str, Any]:
+    """{"a.b": value} of every leaf, values as JSON gives them back (tuples become lists)."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    plain = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+    return dict(walk(plain, ""))
+
+
+def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the keys it predates (`KEYS_ADDED_SINCE`) set to what runs did before them."""
+    present = flatten(config)
+    missing = {key: value for key, value in KEYS_ADDED_SINCE.items() if key not in present}
+    for dotted, value in missing.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy with `data.manual_dir` and `data.data_dir` absolute (a run may be evaluated from elsewhere)."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.manual_dir = os.path.abspath(config.data.manual_dir)
+        if config.data.data_dir:
+            config.data.data_dir = os.path.abspath(config.data.data_dir)
+    return config
+
+
+def save(config, workdir: str) -> None:
+    """`<workdir>/config.json` (process 0): what `fgpair_jax.evaluate` and later tools rebuild the run from."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run saved in `<workdir>/config.json`, migrated; `MissingFileError` if absent."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise MissingFileError(f"{path} not found: --workdir must be a directory written by "
+                               "`python -m fgpair_jax.main`.")
+    with open(path) as f:
+        return migrate(ml_collections.ConfigDict(json.load(f)))
+
+
+def training_fingerprint(config) -> Dict[str, Any]:
+    """{"a.b": value} of every key that defines what a run trains (all but `MAY_CHANGE_ON_RESUME`)."""
+    return {key: value for key, value in flatten(config).items()
+            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME)}
+
+
+def describe_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
+    """The first training key whose value differs between two `training_fingerprint`s, in words.
+
+    Keys only one side has are skipped: a checkpoint written before a key existed ran with the value
+    `KEYS_ADDED_SINCE` gives it, which `migrate` already put into `now` when the config came from disk.
+    """
+    for key in sorted(set(saved) & set(now)):
+        if saved[key] != now[key]:
+            return (f"config.{key} is {saved[key]!r} in the checkpoint but {now[key]!r} now (a resumed run keeps "
+                    f"the training config it started with: set it back to {saved[key]!r} to resume)")
+    return None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config) -> None:
+    """Raise `ConfigError` (one line naming the key and the fix) for a config that cannot run.
+
+    Checks names against the registries (method, encoder, data set), value ranges, and the method's own
+    knobs (`Method.validate`). Runs before any data is built or weight loaded.
+    """
+    get_method(config.method).validate(config)
+    compute_dtype(config.model)
+    frozen_modules(config.model)  # the encoder name, and frozen_stages where the encoder has none
+    data_sources.check_name(config.data.name)
+    splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
+    numerics.check_policy(config.on_nonfinite)
+    _check(config.optim.name == "sgd", f"config.optim.name={config.optim.name!r} is not supported; use 'sgd'.")
+    _check(config.num_epochs >= 0, f"config.num_epochs={config.num_epochs} must be >= 0.")
+    _check(config.global_batch_size >= 1, f"config.global_batch_size={config.global_batch_size} must be >= 1.")
+    _check(0 <= config.seed < 2**32, f"config.seed={config.seed} must lie in [0, 2**32).")
+    _check(config.data.image_size >= 16, f"config.data.image_size={config.data.image_size} must be >= 16 pixels.")
+    for key in ("crop_scale_min", "eval_crop_fraction"):
+        _check(0.0 < config.data[key] <= 1.0, f"config.data.{key}={config.data[key]} must lie in (0, 1].")
+    _check(config.data.worker_count >= 0, f"config.data.worker_count={config.data.worker_count} must be >= 0.")
+    for key in ("jitter_prob", "grayscale_prob", "blur_prob"):
+        _check(0.0 <= config.augment[key] <= 1.0, f"config.augment.{key}={config.augment[key]} must lie in [0, 1].")
+    for key in ("learning_rate", "weight_decay", "warmup_epochs", "encoder_lr_scale"):
+        _check(config.optim[key] >= 0, f"config.optim.{key}={config.optim[key]} must be >= 0.")
+    _check(0.0 <= config.optim.momentum < 1.0, f"config.optim.momentum={config.optim.momentum} must lie in [0, 1).")
+    e = config.eval
+    _check(e.batch_size >= 1 and e.knn_k >= 1 and e.knn_every_epochs >= 0,
+           f"config.eval: batch_size={e.batch_size} and knn_k={e.knn_k} must be >= 1, knn_every_epochs >= 0.")
+    _check(e.knn_temperature > 0, f"config.eval.knn_temperature={e.knn_temperature} must be > 0.")
+    _check(0.0 < e.probe_val_fraction < 1.0, f"config.eval.probe_val_fraction={e.probe_val_fraction} must lie in (0, 1).")
+    _check(len(e.probe_weight_decays) > 0 and min(e.probe_weight_decays) >= 0,
+           f"config.eval.probe_weight_decays={tuple(e.probe_weight_decays)} must be non-empty and >= 0.")
+    _check(config.log_every_steps >= 1 and config.checkpoint_every_steps >= 1,
+           f"config.log_every_steps={config.log_every_steps} and config.checkpoint_every_steps="
+           f"{config.checkpoint_every_steps} must be >= 1.")
