@@ -102,12 +102,14 @@ def run_main(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_user_errors_print_one_line_without_a_traceback(tmp_path):
+def test_user_errors_print_one_line_without_a_traceback(tmp_path, tiny_cub):
     nowhere = f"--config.data.manual_dir={tmp_path / 'nowhere'}"  # not even read: validation comes first
     cases = [
         (["--config.method=mocco", nowhere], "error: Unknown config.method='mocco'; choose one of"),
         (["--config.optim.lerning_rate=0.1"], "error: Unknown config key in --config.optim.lerning_rate=0.1:"),
         ([nowhere], "does not exist"),
+        ([f"--config.data.manual_dir={tiny_cub}", f"--config.model.init={tmp_path / 'gone.pth'}"],
+         "error: Pretrained checkpoint"),
     ]
     for args, expected in cases:
         result = run_main("--config=configs/cub.py:tiny", f"--workdir={tmp_path / 'run'}", *args)
@@ -228,3 +230,12 @@ def test_fgpair_figure_masks_by_the_variance_the_run_ranks_by():
     expected[-16:] = 1.0  # variance_fraction 0.25 of 64 dimensions, lowest by the EMA
     np.testing.assert_array_equal(arrays["mask"], expected)
     assert arrays["pair_a"].shape == arrays["pair_b"].shape == (8, 32, 32, 3) and arrays["cam"].shape == (8, 32, 32)
+
+
+def test_a_config_sized_for_an_accelerator_warns_on_a_cpu(capsys):
+    from configs import cub
+
+    train._warn_if_sized_for_an_accelerator(cub.get_config())  # the paper protocol
+    assert "sized for a GPU/TPU" in capsys.readouterr().out
+    train._warn_if_sized_for_an_accelerator(cub.get_config("quick"))
+    assert capsys.readouterr().out == ""
