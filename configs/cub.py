@@ -88,6 +88,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fgpair.decoder_optimizer = "adam"  # the decoder's own optimiser: adam | sgd (see methods/fgpair.py)
     c.fgpair.decoder_learning_rate = 1e-3  # its learning rate (constant)
     c.fgpair.pair_stride = 1  # every k-th image of the batch gets a synthesized pair (cost knob)
+    c.fgpair.pair_mode = "decoded"  # decoded: (d(h), d(h')) | residual: (x, x + d(h') - d(h)); our reading: decoded
+    c.fgpair.log_gradient_share = False  # log ||d(nu L_Cp)/d encoder|| / ||the rest||: one more backward pass
 
     c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023)
     c.lcr.weight = 0.01  # weight of KL(Grad-CAM map || attention)
@@ -107,7 +109,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.knn_k = 20  # weighted kNN neighbours
     c.eval.knn_temperature = 0.07  # weighted kNN temperature
     c.eval.probe_val_fraction = 0.2  # linear probe: held-out part of train that picks its weight decay
-    c.eval.probe_weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the probe's grid (no 0: see linear_probe.py)
+    c.eval.probe_weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # probe grid (no 0: linear_probe.py)
     c.eval.recompute_bn_stats = False  # BN statistics recomputed on clean train images (hurts ImageNet starts: see features.py)
 
     c.log_every_steps = 10  # JSONL / TensorBoard cadence
@@ -132,6 +134,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.fgpair.ramp_epochs = 0.5
         c.fgpair.decoder_channels = (64, 32, 16, 8)  # the decoder must not cost more than the encoder
         c.fgpair.pair_stride = 4  # 16 synthesized pairs per batch of 64: fgpair step <= 1.7x MoCo's
+        c.fgpair.log_gradient_share = True  # the CPU configs study whether L_Cp acts at all
         c.eval.batch_size = 128
         c.eval.knn_every_epochs = 0
         c.checkpoint_every_steps = 100
@@ -148,6 +151,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.optim.learning_rate = 0.05
         c.fgpair.decoder_channels = (16, 8)
         c.fgpair.pair_stride = 1
+        c.fgpair.log_gradient_share = False  # tests that need it switch it on
         c.eval.batch_size = 16
         c.eval.knn_k = 3  # tiny folders have 18 train images
         c.log_every_steps = 1

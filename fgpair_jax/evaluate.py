@@ -20,6 +20,7 @@ from fgpair_jax.data import sources as data_sources
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
+from fgpair_jax.metrics_writer import announce
 
 
 def compute_metrics(train_features, train_labels, test_features, test_labels, config, num_classes) -> dict:
@@ -42,6 +43,7 @@ def compute_metrics(train_features, train_labels, test_features, test_labels, co
         "knn_top1": knn,
         "linear_val_top1": probe["val_top1"],
         "linear_weight_decay": probe["weight_decay"],
+        "linear_weight_decay_at_grid_edge": bool(probe["at_grid_edge"]),
     }
 
 
@@ -76,6 +78,9 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
     test = features.extract_features(feature_fn, state.params, batch_stats, sources["test"], config, mesh)
     metrics = compute_metrics(*train, *test, config, info.num_classes)
     metrics["step"] = int(jax.device_get(state.step))
+    if metrics["linear_weight_decay_at_grid_edge"]:
+        announce(f"Warning: the linear probe chose weight decay {metrics['linear_weight_decay']}, an edge of "
+                 f"config.eval.probe_weight_decays={tuple(config.eval.probe_weight_decays)}; widen the grid.")
     write_results(workdir, metrics, train, test)
     return metrics
 

@@ -65,8 +65,21 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
     grad_norm = optax.tree.norm(grads)
     finite = numerics.is_finite_step(aux["metrics"]["loss"], grad_norm)
     next_state = numerics.guard_update(finite, next_state, state)
-    metrics = dict(aux["metrics"], grad_norm=grad_norm, finite=finite)
+    metrics = dict(aux["metrics"], grad_norm=grad_norm, finite=finite,
+                   **gradient_shares(grads, aux.get("term_gradients", {})))
     return next_state, metrics
+
+
+def gradient_shares(grads, term_gradients: dict) -> dict:
+    """{'grad_share_<term>': ||g_term|| / ||g - g_term||} for each loss term a method reports in
+    `aux['term_gradients']` (a gradient restricted to some params subtrees, e.g. fgpair's
+    nu * L_Cp on the encoder): how strongly that term pulls the weights against all the others."""
+    shares = {}
+    for name, term in term_gradients.items():
+        total = {subtree: grads[subtree] for subtree in term}
+        rest = jax.tree.map(jnp.subtract, total, term)
+        shares[f"grad_share_{name}"] = optax.tree.norm(term) / jnp.maximum(optax.tree.norm(rest), 1e-12)
+    return shares
 
 
 def make_train_step(config, tx, mesh, steps_per_epoch: int):

@@ -5,6 +5,7 @@ the two images of a synthesized pair should differ only in details the encoder i
 What a method shows is its own (`Method.figure_arrays`); this module only draws. It uses matplotlib's
 object-oriented `Figure` (no pyplot, no backend switch), so importing it changes no global state.
 """
+import json
 import os
 
 import jax
@@ -17,7 +18,8 @@ from fgpair_jax.methods import get_method
 from fgpair_jax.metrics_writer import read_jsonl
 from fgpair_jax.models import input_normalization
 
-LOSS_CURVES = ("loss", "loss_contrastive", "loss_reconstruction", "loss_pair", "loss_attention_kl")
+# Panels of the loss figure, in order: the total, each term, and the weight that switches a term on.
+LOSS_CURVES = ("loss", "loss_contrastive", "loss_reconstruction", "loss_pair", "loss_attention_kl", "pair_weight")
 
 
 def to_uint8_image(normalized: np.ndarray, model_config) -> np.ndarray:
@@ -60,19 +62,39 @@ def save_pair_grid(images: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, p
     fig.savefig(path, dpi=100)
 
 
+def weight_phases(records: list, name: str = "pair_weight"):
+    """(last step at weight 0, first step at full weight) of a term's logged weight, or None when the
+    run logs none: the warm-up and ramp the loss figure marks."""
+    points = [(r["step"], r[name]) for r in records if name in r]
+    if not points:
+        return None
+    peak = max(weight for _, weight in points)
+    off = [step for step, weight in points if weight == 0]
+    full = [step for step, weight in points if weight >= peak and weight > 0]
+    return (max(off) if off else None), (min(full) if full else None)
+
+
 def save_loss_curves(metrics_jsonl: str, path: str) -> bool:
-    """Each loss term against the step, from the run's metrics.jsonl; False (nothing written) when no
-    step was logged, e.g. a run of zero epochs."""
+    """Each loss term and the pair weight against the step, from the run's metrics.jsonl, with the
+    warm-up (weight 0, shaded) and the ramp (hatched) marked: the total rises when L_Cp switches on.
+    False (nothing written) when no step was logged, e.g. a run of zero epochs."""
     records = read_jsonl(metrics_jsonl)
     names = [n for n in LOSS_CURVES if any(n in r for r in records)]
     if not names:
         return False
+    phases = weight_phases(records)
     fig = Figure(figsize=(3.2 * len(names), 2.8))
     for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
         points = [(r["step"], r[name]) for r in records if name in r]
         ax.plot(*zip(*points))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
+        if phases and phases[0] is not None:
+            ax.axvspan(0, phases[0], color="0.85", label="warm-up: L_Cp off")
+            if phases[1] is not None and phases[1] > phases[0]:
+                ax.axvspan(phases[0], phases[1], facecolor="none", hatch="//", edgecolor="0.7", label="ramp")
+    if phases and phases[0] is not None:
+        fig.axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
@@ -100,7 +122,12 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
     if "pair_a" in arrays:
         written.append(os.path.join(directory, "pairs.png"))
         save_pair_grid(shown, to_uint8_image(arrays["pair_a"][:num_images], config.model),
-                       to_uint8_image(arrays["pair_b"][:num_images], config.model), written[-1])
+                       to_uint8_image(arrays["pair_b"][:num_images], config.model), written[-1],
+                       titles=("image", *arrays["pair_titles"]))
+    if arrays.get("diagnostics"):
+        written.append(os.path.join(directory, "diagnostics.json"))
+        with open(written[-1], "w") as f:
+            json.dump(arrays["diagnostics"], f, indent=2, sort_keys=True)
     metrics_jsonl = os.path.join(workdir, "metrics.jsonl")
     curves = os.path.join(directory, "loss_curves.png")
     if os.path.exists(metrics_jsonl) and save_loss_curves(metrics_jsonl, curves):

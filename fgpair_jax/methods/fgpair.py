@@ -18,6 +18,7 @@ with their own batch statistics, but their statistic updates are discarded.
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from fgpair_jax import contrastive, gradcam, synthesis
 from fgpair_jax.errors import ConfigError
@@ -31,6 +32,11 @@ eval_features = moco.eval_features
 ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
              **{criterion: {"fgpair.criterion": criterion} for criterion in synthesis.CRITERIA if criterion != "both"}}
 DECODER_OPTIMIZERS = ("adam", "sgd")
+# How the pair is made from the decoder's renderings d(h), d(h') and the real view x (`pair_images`).
+PAIR_MODES = {
+    "decoded": ("x_a = d(h)", "x_b = d(h')"),  # the abstract's reading: both images synthesized
+    "residual": ("x_a = x", "x_b = x + d(h') - d(h)"),  # a real image carrying the rendered perturbation
+}
 
 
 def decoder(config) -> Decoder:
@@ -132,6 +138,28 @@ def synthesize_pair(params, pooled, mask, rng, config):
     return reconstruction, jax.lax.stop_gradient(rendered_perturbed)
 
 
+def pair_images(reconstruction, rendered_perturbed, real, config):
+    """(x_a, x_b) [b, S, S, 3], constants, by `fgpair.pair_mode` (`PAIR_MODES`).
+
+    'decoded': x_a = d(h), x_b = d(h'): decoder artefacts are shared by both, but when the decoder
+    renders soft layouts the two are nearly the same image. 'residual': x_a = x, x_b = x + d(h') - d(h):
+    a sharp real image carrying exactly the decoder's rendering of the perturbation.
+    """
+    reconstruction = jax.lax.stop_gradient(reconstruction)
+    if config.fgpair.pair_mode == "residual":
+        real = jax.lax.stop_gradient(real)
+        return real, real + jax.lax.stop_gradient(rendered_perturbed) - reconstruction
+    return reconstruction, jax.lax.stop_gradient(rendered_perturbed)
+
+
+def contrast_ratio(image_a, image_b, images) -> jax.Array:
+    """`pair_contrast`: mean |x_b - x_a| over the pairs / mean |x_i - x_j| over pairs of different real
+    images (each image of `images` [B, S, S, 3] against the next one; same normalisation). 0 means the
+    pair is one image twice; 1 means its images differ as much as two different photos do."""
+    between_images = jnp.mean(jnp.abs(images - jnp.roll(images, 1, axis=0)))
+    return jnp.mean(jnp.abs(image_b - image_a)) / jnp.maximum(between_images, 1e-12)
+
+
 def synthesized_pair_loss(params, state, image_a, image_b, rng, config):
     """L_Cp: InfoNCE between the online encoder on x_a and the momentum encoder on x_b (stats discarded)."""
     query, _ = moco.embed(params, state.batch_stats, image_a, config)
@@ -158,15 +186,23 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     mask = nondiscriminative_mask(mask_rng, importance, variance, config)
 
     stride = config.fgpair.pair_stride  # every stride-th image gets a pair (spread over all devices)
+    real = view1[::stride]
     reconstruction, rendered_perturbed = synthesize_pair(params, query.pooled[::stride], mask, perturb_rng, config)
-    loss_r = jnp.mean(jnp.square(reconstruction - jax.lax.stop_gradient(view1[::stride])))
-    image_a = jax.lax.stop_gradient(reconstruction)
+    loss_r = jnp.mean(jnp.square(reconstruction - jax.lax.stop_gradient(real)))
+    image_a, image_b = pair_images(reconstruction, rendered_perturbed, real, config)
 
     nu_t = pair_weight(config, epoch)
     # Computed in every step (its weight is 0 during the warm-up): a lax.cond around it was slower on
     # CPU than always computing it (results/README.md).
-    loss_cp, pair_accuracy = synthesized_pair_loss(params, state, image_a, rendered_perturbed, pair_rng, config)
+    loss_cp, pair_accuracy = synthesized_pair_loss(params, state, image_a, image_b, pair_rng, config)
     total = loss_c + config.fgpair.alpha * loss_r + nu_t * loss_cp
+    if config.fgpair.log_gradient_share:
+        # d(nu_t L_Cp)/d(encoder): the step divides its norm by the rest of the encoder's gradient.
+        def weighted_pair_loss(encoder):
+            return nu_t * synthesized_pair_loss(dict(params, encoder=encoder), state, image_a, image_b, pair_rng,
+                                                config)[0]
+        aux["term_gradients"] = {"pair": {"encoder": jax.lax.stop_gradient(
+            jax.grad(weighted_pair_loss)(params["encoder"]))}}
     aux["extras"] = {"feature_variance": variance_ema, "variance_initialized": initialized}
     aux["metrics"].update({
         "loss": total,
@@ -174,6 +210,7 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
         "loss_pair": loss_cp,
         "pair_accuracy": pair_accuracy,
         "pair_weight": nu_t,
+        "pair_contrast": contrast_ratio(image_a, image_b, jax.lax.stop_gradient(view1)),
         "mask_fraction": jnp.mean(mask),
     })
     return total, aux
@@ -191,16 +228,34 @@ def figure_arrays(state, images, rng, config) -> dict:
     batch_variance = synthesis.feature_variance(query.pooled, relative=config.fgpair.relative_variance)
     mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.extras, batch_variance, config),
                                   config)
-    pair_a, pair_b = synthesize_pair(state.params, query.pooled, mask, perturb_rng, config)
+    reconstruction, rendered_perturbed = synthesize_pair(state.params, query.pooled, mask, perturb_rng, config)
+    pair_a, pair_b = pair_images(reconstruction, rendered_perturbed, images, config)
     out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask}))
+    out["pair_titles"] = PAIR_MODES[config.fgpair.pair_mode]
+    out["diagnostics"] = pair_diagnostics(state, images, pair_a, pair_b, config)
     return out
+
+
+def pair_diagnostics(state, images, pair_a, pair_b, config) -> dict:
+    """How different the pair is, as images and as the frozen encoder sees it, relative to two different
+    real images: 'pair_contrast' (`contrast_ratio`) and 'pair_feature_distance' = mean ||f(x_a) - f(x_b)||
+    / mean ||f(x_i) - f(x_j)|| of the evaluation features f (pooled, running BN statistics)."""
+    def feature_distance(a, b):
+        return jnp.mean(jnp.linalg.norm(a - b, axis=-1))
+
+    f = {name: eval_features(state.params, state.batch_stats, x, config)
+         for name, x in (("a", pair_a), ("b", pair_b), ("real", images))}
+    between_images = feature_distance(f["real"], jnp.roll(f["real"], 1, axis=0))
+    values = {"pair_contrast": contrast_ratio(pair_a, pair_b, images),
+              "pair_feature_distance": feature_distance(f["a"], f["b"]) / jnp.maximum(between_images, 1e-12)}
+    return {name: float(value) for name, value in jax.device_get(values).items()}
 
 
 def validate(config) -> None:
     """`ConfigError` for fgpair knobs out of range (MoCo's are checked too)."""
     moco.validate(config)
     c = config.fgpair
-    choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS,
+    choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS, "pair_mode": tuple(PAIR_MODES),
                "perturbation": synthesis.PERTURBATIONS, "gradcam_score": gradcam.IMPORTANCE_SCORES,
                "decoder_optimizer": DECODER_OPTIMIZERS}
     for key, allowed in choices.items():
@@ -216,3 +271,7 @@ def validate(config) -> None:
         raise ConfigError(f"config.fgpair.variance_ema_decay={c.variance_ema_decay} must lie in [0, 1).")
     if c.pair_stride < 1:
         raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} must be >= 1 (1 = every image gets a pair).")
+    if c.nu > 0 and 0 < config.num_epochs <= c.warmup_epochs:
+        logging.warning("config.fgpair.warmup_epochs=%s >= config.num_epochs=%s: L_Cp never switches on, so this "
+                        "run is MoCo plus a decoder; lower fgpair.warmup_epochs or train longer.",
+                        c.warmup_epochs, config.num_epochs)

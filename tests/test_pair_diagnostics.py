@@ -1,0 +1,82 @@
+"""fgpair's pair variants and diagnostics: residual pairs, pair_contrast, L_Cp's gradient share, the
+figures that say what they show, the warm-up warning, and the linear probe's grid edge."""
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fgpair_jax import step as step_lib, viz
+from fgpair_jax.evaluation.linear_probe import linear_probe
+from fgpair_jax.methods import fgpair
+from test_fgpair import STEP_AT_2, gradients
+
+
+def test_pair_modes_make_the_pairs_they_name():
+    rng = np.random.default_rng(0)
+    reconstruction, perturbed, real = (jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32) for _ in range(3))
+    a, b = fgpair.pair_images(reconstruction, perturbed, real, tiny_config(method="fgpair"))
+    np.testing.assert_array_equal(a, reconstruction) and np.testing.assert_array_equal(b, perturbed)
+    a, b = fgpair.pair_images(reconstruction, perturbed, real, tiny_config(**{"fgpair.pair_mode": "residual"}))
+    np.testing.assert_array_equal(a, real)
+    np.testing.assert_allclose(b - a, perturbed - reconstruction, atol=1e-6)  # exactly the rendered perturbation
+
+
+def test_pair_contrast_against_a_numpy_reference():
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
+    a, b = images[:3], images[:3] + 0.1 * rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+    expected = np.mean(np.abs(b - a)) / np.mean(np.abs(images - np.roll(images, 1, axis=0)))
+    np.testing.assert_allclose(float(fgpair.contrast_ratio(a, b, images)), expected, rtol=1e-6)
+    assert float(fgpair.contrast_ratio(a, a, images)) == 0.0
+
+
+def test_gradient_share_is_the_pair_terms_part_of_the_encoder_gradient():
+    """The logged share equals ||g(with L_Cp) - g(without)|| / ||g(without)|| on the encoder, the
+    reference taken from two ordinary gradients of the whole loss (L_Cp switched on by the epoch)."""
+    options = dict(STEP_AT_2, **{"fgpair.log_gradient_share": True})
+    with_pairs, aux = gradients(5.0, **options)
+    without_pairs, aux_off = gradients(1.0, **options)
+    difference = jax.tree.map(jnp.subtract, with_pairs["encoder"], without_pairs["encoder"])
+    for got, want in zip(jax.tree.leaves(aux["term_gradients"]["pair"]["encoder"]), jax.tree.leaves(difference)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    share = float(step_lib.gradient_shares(with_pairs, aux["term_gradients"])["grad_share_pair"])
+    reference = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(difference))) /
+                      np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(without_pairs["encoder"]))))
+    assert share > 0 and share == pytest.approx(reference, rel=1e-3)
+    assert float(step_lib.gradient_shares(without_pairs, aux_off["term_gradients"])["grad_share_pair"]) == 0.0
+    assert 0.0 <= float(aux["metrics"]["pair_contrast"])
+
+
+def test_loss_figure_marks_the_warm_up_and_ramp(tmp_path):
+    records = [{"step": s, "loss": 1.0, "loss_pair": 2.0, "pair_weight": min(max(s - 4, 0) / 3, 1.0)}
+               for s in range(1, 11)]
+    assert viz.weight_phases(records) == (4, 7)
+    assert viz.weight_phases([{"step": 1, "loss": 1.0}]) is None
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert viz.save_loss_curves(str(path), str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_whose_pairs_never_switch_on_warns(caplog):
+    with caplog.at_level(logging.WARNING):
+        fgpair.validate(tiny_config(method="fgpair", num_epochs=1, **{"fgpair.warmup_epochs": 1.0}))
+    assert any("L_Cp never switches on" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fgpair.validate(tiny_config(method="fgpair", num_epochs=4, **{"fgpair.warmup_epochs": 1.0}))
+    assert not any("never switches on" in record.getMessage() for record in caplog.records)
+
+
+def test_linear_probe_says_when_its_choice_is_at_the_grid_edge():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = rng.normal(size=(60, 8)) + 3.0 * np.eye(8)[labels]
+    one = linear_probe(features, labels, features, labels, weight_decays=(1e-3,))
+    assert one["at_grid_edge"] is False  # a grid of one value has no edge to widen
+    probe = linear_probe(features, labels, features, labels, weight_decays=(1e-4, 1e-2, 1.0))
+    assert probe["at_grid_edge"] == (probe["weight_decay"] in (1e-4, 1.0))
