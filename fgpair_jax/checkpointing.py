@@ -8,6 +8,10 @@ Saves are asynchronous (training continues while orbax writes) and atomic (orbax
 directory and renames it when complete), so a run killed mid-save still finds its previous checkpoint.
 A save that fails (a full disk, a lost mount) raises `CheckpointWriteError`, one line naming the
 directory, the cause and the intact step to resume from.
+
+Paths: orbax reads parts of a checkpoint path as a glob pattern when it finalises a save, so under a path
+holding `[...]` every save "succeeds" but no checkpoint can ever be restored (renaming the folder afterwards
+does not help). Such paths are refused when the `Checkpointer` is made, before any training.
 """
 import contextlib
 import os
@@ -21,6 +25,38 @@ FORMAT_VERSION = 2  # 2: the data iterator's state is saved beside the train sta
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+class CheckpointPathError(ValueError):
+    """The checkpoint directory's path cannot hold restorable orbax checkpoints."""
+
+
+GLOB_CHARACTERS = "[]*?"
+
+
+def check_directory(directory: str) -> None:
+    """Raise `CheckpointPathError` (one line) if orbax could not restore checkpoints saved under `directory`.
+
+    Why: orbax globs `<step dir>/ocdbt.process_*` to merge a save's files; a path holding `[0.03]` is then a
+    character class that does not match itself, the merge is skipped with only a WARNING, and every later
+    restore fails with NOT_FOUND. `*` and `?` do match themselves but can also match a sibling run's
+    folders, so they are refused too.
+    """
+    path = os.path.abspath(directory)
+    found = [character for character in GLOB_CHARACTERS if character in path]
+    if found:
+        raise CheckpointPathError(
+            f"Cannot keep checkpoints in {path!r}: it contains {' '.join(found)}, which orbax reads as a glob "
+            "pattern, so no checkpoint saved there could ever be restored. Choose a --workdir without "
+            f"{' '.join(GLOB_CHARACTERS)} (e.g. lr0.03 or lr_0.03 instead of lr[0.03])."
+        )
+
+
+def max_to_keep(keep: int) -> Optional[int]:
+    """orbax's `max_to_keep` for `config.keep_checkpoints`: the `keep` newest checkpoints when `keep` >= 1;
+    0 or less keeps every checkpoint (TensorFlow's convention). orbax itself would delete every checkpoint,
+    the newest included, at 0, and reject negative values."""
+    return keep if keep >= 1 else None
 
 
 def fingerprint(config, state) -> dict:
@@ -81,14 +117,19 @@ def write_failure_cause(error: BaseException) -> str:
 
 
 class Checkpointer:
-    """Keep-the-last-N orbax manager for one run directory, with fingerprint checks on restore."""
+    """Keep-the-last-N orbax manager for one run directory, with fingerprint checks on restore.
+
+    `keep`: how many of the newest checkpoints to keep; 0 or less keeps all of them (see `max_to_keep`).
+    Raises `CheckpointPathError` for a directory orbax could not restore from (see `check_directory`).
+    """
 
     def __init__(self, directory: str, keep: int, expected_fingerprint: dict):
+        check_directory(directory)
         self.directory = os.path.abspath(directory)
         self.expected_fingerprint = expected_fingerprint
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep(keep), create=True),
             item_names=("state", "meta", "data"),
         )
 
