@@ -98,6 +98,52 @@ def test_bad_index_file_is_one_line_naming_it_and_the_layout(tmp_path, damage, e
     _one_line_error(excinfo, cause, "config.data.manual_dir")
 
 
+def _append(root, file_name, line):
+    with open(os.path.join(root, file_name), "a") as handle:
+        handle.write(line + "\n")
+
+
+def _replace_line(root, file_name, line_number, line):
+    path = os.path.join(root, file_name)
+    lines = open(path).read().splitlines()
+    lines[line_number - 1] = line
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+FIRST = "002.Bird_2/Bird_2_0000.jpg"  # image id 1 (train) of the tiny folder; ids 7-9 of class 2 are test
+
+
+@pytest.mark.parametrize(
+    "damage, cause",
+    [
+        (lambda root: _append(root, "images.txt", f"1 {FIRST}"),
+         f"images.txt line 28 repeats image id 1 of line 1 (same value '{FIRST}')"),
+        (lambda root: _append(root, "image_class_labels.txt", "3 9"),
+         "image_class_labels.txt line 28 repeats image id 3 of line 3 with a conflicting value ('9' after '2')"),
+        (lambda root: _append(root, "train_test_split.txt", "3 0"),
+         "train_test_split.txt line 28 repeats image id 3 of line 3 with a conflicting value ('0' after '1')"),
+        (lambda root: _append(root, "classes.txt", "5 005.Other_bird"),
+         "classes.txt line 4 repeats class id 5 of line 2 with a conflicting value ('005.Other_bird' after "),
+        (lambda root: _replace_line(root, "images.txt", 7, f"7 {FIRST}"),
+         f"images.txt line 7 lists '{FIRST}' as image id 7, but line 1 already lists that file as image id 1 "
+         "(one in train, one in test: a test image would be trained on)"),
+        (lambda root: _replace_line(root, "images.txt", 2, f"2 ./{FIRST}"),
+         f"images.txt line 2 lists './{FIRST}' as image id 2, but line 1 already lists that file as image id 1. "),
+    ],
+    ids=["repeated_id", "conflicting_label", "train_and_test", "repeated_class", "file_under_two_ids",
+         "same_file_spelt_differently"],
+)
+def test_repeated_or_conflicting_index_lines_are_one_line_naming_file_line_and_id(tmp_path, damage, cause):
+    """A later line used to overwrite an earlier one silently: a second label line changed the image's class,
+    and one file under two ids, one in train and one in test, leaked a test image into training."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    damage(root)
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, cause, "Correct the index file (nothing was built)")
+    assert not os.path.exists(tmp_path / "tfds")
+
+
 def test_no_readable_image_in_a_split_is_one_line_and_the_fixed_folder_then_builds(tmp_path):
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
     shutil.move(os.path.join(root, "images"), str(tmp_path / "elsewhere"))

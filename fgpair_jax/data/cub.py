@@ -28,6 +28,7 @@ import hashlib
 import io
 import logging
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -63,9 +64,20 @@ def _layout_error(manual_dir: str, problem: str) -> ValueError:
     return ValueError(f"CUB folder {manual_dir!r}: {problem}; {EXPECTED_LAYOUT}.")
 
 
-def _read_id_table(manual_dir: str, file_name: str) -> dict[int, str]:
-    """Parses '<int id> <value>' lines; blank lines are ignored, anything else is a layout error."""
+def _index_error(manual_dir: str, problem: str) -> ValueError:
+    """An index file contradicts itself or another one: one line; nothing has been built yet."""
+    return ValueError(f"CUB folder {manual_dir!r}: {problem}. Correct the index file (nothing was built).")
+
+
+def _read_id_table(manual_dir: str, file_name: str, id_kind: str = "image id") -> tuple[dict[int, str], dict[int, int]]:
+    """Parses '<int id> <value>' lines into ({id: value}, {id: line number}); blank lines are ignored.
+
+    Raises a one-line ValueError for a line of another shape (a layout error) and for an id on two lines,
+    naming the file, both line numbers and the id: a later line must not silently overwrite an earlier one
+    (a second label line would change the image's class, a second split line move it between train and test).
+    """
     table: dict[int, str] = {}
+    line_of: dict[int, int] = {}
     try:
         with open(os.path.join(manual_dir, file_name), encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
@@ -74,11 +86,24 @@ def _read_id_table(manual_dir: str, file_name: str) -> dict[int, str]:
                 parts = line.split(maxsplit=1)
                 if len(parts) != 2 or not parts[0].isdigit():
                     raise _layout_error(manual_dir, f"{file_name} line {line_number} is not '<id> <value>'")
-                table[int(parts[0])] = parts[1].strip()
+                key, value = int(parts[0]), parts[1].strip()
+                if key in table:
+                    raise _index_error(manual_dir, _repeated_id(file_name, id_kind, key, (line_of[key], table[key]),
+                                                                (line_number, value)))
+                table[key], line_of[key] = value, line_number
     except UnicodeDecodeError as error:  # A binary or UTF-16 file: say which one, not a bare codec error.
         problem = f"{file_name} is not UTF-8 text ({error.reason} at byte {error.start})"
         raise _layout_error(manual_dir, problem) from None
-    return table
+    return table, line_of
+
+
+def _repeated_id(file_name: str, id_kind: str, key: int, first: tuple[int, str], again: tuple[int, str]) -> str:
+    """'<file> line <n> repeats <id kind> <id> of line <m>', saying whether the two values conflict."""
+    (first_line, first_value), (line, value) = first, again
+    where = f"{file_name} line {line} repeats {id_kind} {key} of line {first_line}"
+    if value == first_value:
+        return f"{where} (same value {value!r})"
+    return f"{where} with a conflicting value ({value!r} after {first_value!r})"
 
 
 def _check_folder_exists(manual_dir: str) -> None:
@@ -104,10 +129,10 @@ def _check_folder_exists(manual_dir: str) -> None:
 def read_cub_index(manual_dir: str) -> CubIndex:
     """Reads and cross-checks the index files; raises one clear error naming the layout if anything is off."""
     _check_folder_exists(manual_dir)
-    images = _read_id_table(manual_dir, "images.txt")
-    labels = _read_id_table(manual_dir, "image_class_labels.txt")
-    split = _read_id_table(manual_dir, "train_test_split.txt")
-    classes = _read_id_table(manual_dir, "classes.txt")
+    images, image_lines = _read_id_table(manual_dir, "images.txt")
+    labels, _ = _read_id_table(manual_dir, "image_class_labels.txt")
+    split, _ = _read_id_table(manual_dir, "train_test_split.txt")
+    classes, _ = _read_id_table(manual_dir, "classes.txt", id_kind="class id")
     if not images:
         raise _layout_error(manual_dir, "images.txt lists no images")
     for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split)):
@@ -117,6 +142,7 @@ def read_cub_index(manual_dir: str) -> CubIndex:
     bad = [i for i in images if not labels[i].isdigit() or split[i] not in ("0", "1")]
     if bad:
         raise _layout_error(manual_dir, f"non-integer class id or split flag for image ids {bad[:5]}")
+    _check_each_file_listed_once(manual_dir, images, image_lines, split)
     image_ids = tuple(sorted(images))
     class_ids = tuple(int(labels[i]) for i in image_ids)
     present = tuple(sorted(set(class_ids)))
@@ -131,6 +157,30 @@ def read_cub_index(manual_dir: str) -> CubIndex:
         present_class_ids=present,
         present_class_names=tuple(classes[c] for c in present),
     )
+
+
+def same_file_key(file_name: str) -> str:
+    """What two names in images.txt have in common when they name one file: Unicode normal form NFC and
+    a normalised path ('a//b.jpg', './a/b.jpg' and 'a/b.jpg' are one file)."""
+    return os.path.normpath(unicodedata.normalize("NFC", file_name))
+
+
+def _check_each_file_listed_once(manual_dir: str, images: dict, image_lines: dict, split: dict) -> None:
+    """One-line ValueError if images.txt lists one image file under two ids (naming both lines, ids and the
+    file): it would be stored twice, and with one id in train and one in test a test image leaks into SSL."""
+    first_id: dict[str, int] = {}
+    for image_id in sorted(images, key=image_lines.get):
+        key = same_file_key(images[image_id])
+        if key not in first_id:
+            first_id[key] = image_id
+            continue
+        other = first_id[key]
+        leak = " (one in train, one in test: a test image would be trained on)"
+        raise _index_error(
+            manual_dir, f"images.txt line {image_lines[image_id]} lists {images[image_id]!r} as image id {image_id}, "
+            f"but line {image_lines[other]} already lists that file as image id {other}"
+            f"{leak if split[other] != split[image_id] else ''}"
+        )
 
 
 def index_fingerprint(manual_dir: str) -> str:
