@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -159,6 +160,54 @@ def test_no_readable_image_in_a_split_is_one_line_and_the_fixed_folder_then_buil
     assert info.split_sizes == {"train": 6, "test": 3}
 
 
+@pytest.mark.parametrize("listed_form, disk_form", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_names_match_files_across_unicode_normal_forms(tmp_path, listed_form, disk_form):
+    """A folder prepared or unzipped on macOS stores 'é' as 'e' + U+0301 (NFD) while images.txt has one code
+    point (NFC): other bytes on Linux, so the image used to be skipped as 'undecodable'."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    accented = "002.Bird_2/Bird_2_Caf\u00e9_Gr\u00fcnfink_0000.jpg"
+    listed, on_disk = (unicodedata.normalize(form, accented) for form in (listed_form, disk_form))
+    assert listed != on_disk
+    os.rename(os.path.join(root, "images", FIRST), os.path.join(root, "images", on_disk))
+    _replace_line(root, "images.txt", 1, f"1 {listed}")
+    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert info.skipped_files == {"train": (), "test": ()} and info.split_sizes == {"train": 18, "test": 9}
+    stored = {sources["train"][i]["image_id"]: sources["train"][i]["file_name"].decode() for i in range(18)}
+    assert stored[1] == listed  # the id's name as images.txt spells it
+
+
+def test_a_photo_above_pillows_pixel_limit_is_too_large_and_kept_when_allowed(tmp_path, monkeypatch, caplog):
+    """Pillow refuses more than 2 x MAX_IMAGE_PIXELS pixels (about 179 million) as a decompression bomb; such
+    a valid photo used to be reported 'undecodable'. Here MAX_IMAGE_PIXELS = 4000 stands for Pillow's
+    default, so a 100 x 100 photo is above the limit while the fixture's (at most 72 x 48) are not."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    monkeypatch.setattr(cub, "STORED_MAX_PIXELS", 4000)
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    open(os.path.join(root, "images", FIRST), "wb").write(_jpeg_bytes(_noise(100, 100), quality=90))
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        _, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert info.skipped_by_reason == {"train": {"too large": (FIRST,)}, "test": {}}
+    assert any(f"skipped 1 too large images: {FIRST} (" in m and "config.data.max_image_pixels" in m
+               for m in caplog.messages)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"), max_image_pixels=10_000)
+    assert info.skipped_files == {"train": (), "test": ()} and info.split_sizes["train"] == 18
+    first = next(sources["train"][i] for i in range(18) if sources["train"][i]["image_id"] == 1)
+    height, width, _ = first["image"].shape  # decoded by Pillow with its (patched) limit, as a reader would
+    assert height == width and 3900 <= height * width <= 4000
+    assert any(f"stored 1 images downscaled to 4000 pixels" in m and FIRST in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "big", True])
+def test_max_image_pixels_must_be_a_positive_integer_or_none(tmp_path, bad):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"), max_image_pixels=bad)
+    _one_line_error(excinfo, f"config.data.max_image_pixels={bad!r}: use a positive integer, or None")
+
+
 # ---------------------------------------------------------------- single images
 
 
@@ -284,7 +333,11 @@ def test_bad_images_are_skipped_with_counted_warnings_and_odd_ones_kept(bad_buil
     skipped_train = sorted(names[kind] for kind in BAD_TRAIN.values() if kind in UNREADABLE)
     assert info.skipped_files == {"train": tuple(skipped_train), "test": (names["truncated_progressive"],)}
     assert info.split_sizes == {"train": 18 - 4, "test": 9 - 1}
-    assert f"CUB train split: skipped 4 undecodable images: {', '.join(skipped_train)}" in warnings
+    undecodable_train = [name for name in skipped_train if name != names["missing"]]
+    assert info.skipped_by_reason == {"train": {"missing": (names["missing"],), "undecodable": tuple(undecodable_train)},
+                                      "test": {"undecodable": (names["truncated_progressive"],)}}
+    assert f"CUB train split: skipped 3 undecodable images: {', '.join(undecodable_train)}" in warnings
+    assert f"CUB train split: skipped 1 missing images: {names['missing']}" in warnings
     assert f"CUB test split: skipped 1 undecodable images: {names['truncated_progressive']}" in warnings
     kept = {sources[split][i]["file_name"].decode(): sources[split][i]["image"]
             for split in ("train", "test") for i in range(len(sources[split]))}
