@@ -39,7 +39,7 @@ class CheckpointWriteError(OSError):
 
 class CheckpointReadError(OSError):
     """No checkpoint (or not the step asked for) restores completely; nothing on disk was changed.
-    `cause`: the storage layer's reason, at most 200 characters."""
+    `cause`: the storage layer's reason, at most 300 characters."""
 
     def __init__(self, message: str, *, cause: str = ""):
         super().__init__(message)
@@ -140,12 +140,12 @@ def write_failure_cause(error: BaseException) -> str:
 
 
 def read_failure_cause(error: BaseException) -> str:
-    """The innermost error of a failed restore, in at most 200 characters. orbax wraps tensorstore's short
+    """The innermost error of a failed restore, in at most 300 characters. orbax wraps tensorstore's short
     reason (e.g. 'OUT_OF_RANGE: Error reading "w/0" ...') in a message that prints the whole store spec."""
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
     text = " ".join(str(error).split())
-    return text[:200] or type(error).__name__
+    return text[:300] or type(error).__name__
 
 
 class Checkpointer:

@@ -268,7 +268,7 @@ def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(tmp_path):
     with pytest.raises(checkpointing.CheckpointReadError) as raised:
         checkpointer.restore(tiny_state(0))
     message = str(raised.value)
-    assert "\n" not in message and len(message) < 500 and "tried step(s) 2, 1;" in message
+    assert "\n" not in message and len(message) < 700 and "tried step(s) 2, 1;" in message
     assert "Nothing was changed" in message and checkpointer.restored_step is None
     assert sorted(os.listdir(directory)) == ["1", "2"] and not os.path.exists(f"{directory}.damaged")
     with pytest.raises(checkpointing.CheckpointReadError, match=r"^Checkpoint step 2 in .* does not restore \("):
