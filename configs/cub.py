@@ -39,6 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.eval_split = "test"  # test (final runs) | val: tune on a held-out part of train, never on test
     c.data.val_fraction = 0.1  # eval_split=val: share of each class of train held out (fixed draw)
     c.data.worker_count = 0  # grain worker processes decoding on the host (0 = in the main process)
+    c.data.max_image_pixels = ml_collections.config_dict.placeholder(int)  # None: Pillow's limit; larger images kept deliberately
 
     c.augment = ml_collections.ConfigDict()  # photometric, on device (MoCo v2 values)
     c.augment.jitter_prob = 0.8  # ColorJitter probability
@@ -114,7 +115,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.log_every_steps = 10  # JSONL / TensorBoard cadence
     c.checkpoint_every_steps = 500  # also saved at the end of every epoch and of training
-    c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps
+    c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps; 0 or less keeps all
     c.on_nonfinite = "stop"  # NaN/Inf loss or gradient: stop (nothing bad saved) | skip the step and go on
 
     if variant in ("quick", "tiny"):

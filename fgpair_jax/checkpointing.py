@@ -8,22 +8,80 @@ Saves are asynchronous (training continues while orbax writes) and atomic (orbax
 directory and renames it when complete), so a run killed mid-save still finds its previous checkpoint.
 A save that fails (a full disk, a lost mount) raises `CheckpointWriteError`, one line naming the
 directory, the cause and the intact step to resume from.
+
+Restoring walks back: a newer checkpoint that does not restore completely (a file cut short by a torn copy,
+a full disk elsewhere, bad storage) is skipped with one line saying why and moved to `<directory>.damaged/`;
+the newest one that restores is used. If none restores, `CheckpointReadError` says so in one line and
+nothing on disk is changed.
+
+Paths: orbax reads parts of a checkpoint path as a glob pattern when it finalises a save, so under a path
+holding `[...]` every save "succeeds" but no checkpoint can ever be restored (renaming the folder afterwards
+does not help). Such paths are refused when the `Checkpointer` is made, before any training.
 """
 import contextlib
+import inspect
 import os
+import sys
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from fgpair_jax import run_config
 from fgpair_jax.errors import ConfigError, UserError
+from fgpair_jax.metrics_writer import announce
 
 FORMAT_VERSION = 2  # 2: the data iterator's state is saved beside the train state
 
 
 class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+class CheckpointReadError(UserError, OSError):
+    """No checkpoint (or not the step asked for) restores completely; nothing on disk was changed.
+    `cause`: the storage layer's reason, at most 300 characters."""
+
+    def __init__(self, message: str, *, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause
+
+
+class CheckpointMismatchError(ConfigError):
+    """The checkpoint was written by another method, model or data setting; it was left untouched."""
+
+
+class CheckpointPathError(ConfigError):
+    """The checkpoint directory's path cannot hold restorable orbax checkpoints."""
+
+
+GLOB_CHARACTERS = "[]*?"
+
+
+def check_directory(directory: str) -> None:
+    """Raise `CheckpointPathError` (one line) if orbax could not restore checkpoints saved under `directory`.
+
+    Why: orbax globs `<step dir>/ocdbt.process_*` to merge a save's files; a path holding `[0.03]` is then a
+    character class that does not match itself, the merge is skipped with only a WARNING, and every later
+    restore fails with NOT_FOUND. `*` and `?` do match themselves but can also match a sibling run's
+    folders, so they are refused too.
+    """
+    path = os.path.abspath(directory)
+    found = [character for character in GLOB_CHARACTERS if character in path]
+    if found:
+        raise CheckpointPathError(
+            f"Cannot keep checkpoints in {path!r}: it contains {' '.join(found)}, which orbax reads as a glob "
+            "pattern, so no checkpoint saved there could ever be restored. Choose a --workdir without "
+            f"{' '.join(GLOB_CHARACTERS)} (e.g. lr0.03 or lr_0.03 instead of lr[0.03])."
+        )
+
+
+def max_to_keep(keep: int) -> Optional[int]:
+    """orbax's `max_to_keep` for `config.keep_checkpoints`: the `keep` newest checkpoints when `keep` >= 1;
+    0 or less keeps every checkpoint (TensorFlow's convention). orbax itself would delete every checkpoint,
+    the newest included, at 0, and reject negative values."""
+    return keep if keep >= 1 else None
 
 
 def fingerprint(config, state) -> dict:
@@ -88,43 +146,129 @@ def write_failure_cause(error: BaseException) -> str:
     return text[:200] or type(error).__name__
 
 
+def read_failure_cause(error: BaseException) -> str:
+    """The innermost error of a failed restore, in at most 300 characters. orbax wraps tensorstore's short
+    reason (e.g. 'OUT_OF_RANGE: Error reading "w/0" ...') in a message that prints the whole store spec."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    return text[:300] or type(error).__name__
+
+
 class Checkpointer:
-    """Keep-the-last-N orbax manager for one run directory, with fingerprint checks on restore."""
+    """Keep-the-last-N orbax manager for one run directory, with fingerprint checks on restore.
+
+    `keep`: how many of the newest checkpoints to keep; 0 or less keeps all of them (see `max_to_keep`).
+    Raises `CheckpointPathError` for a directory orbax could not restore from (see `check_directory`).
+    After `restore`, `restored_step` is the step actually restored (None before).
+    """
 
     def __init__(self, directory: str, keep: int, expected_fingerprint: dict):
+        check_directory(directory)
         self.directory = os.path.abspath(directory)
         self.expected_fingerprint = expected_fingerprint
+        self.restored_step: Optional[int] = None
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep(keep), create=True),
             item_names=("state", "meta", "data"),
         )
 
     def latest_step(self) -> Optional[int]:
+        """The newest saved step (None if none); `restore` may walk back from it past damaged ones."""
         return self.manager.latest_step()
 
     def check_compatible(self, step: int) -> None:
-        """Raise a one-line error if the checkpoint at `step` was written by something else."""
+        """Raise `CheckpointMismatchError` (one line) if the checkpoint at `step` was written by something else."""
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         problem = describe_mismatch(saved, self.expected_fingerprint)
         if problem:
-            raise ConfigError(
+            raise CheckpointMismatchError(
                 f"Cannot resume from {self.directory}/{step}: {problem}. Use a new --workdir for this config "
                 "(the existing checkpoint was left untouched)."
             )
 
     def restore(self, template_state, step: Optional[int] = None):
-        """The state saved at `step` (default: latest), laid out like `template_state` (shapes + shardings)."""
-        step = self.latest_step() if step is None else step
-        self.check_compatible(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        return restored["state"]
+        """The state saved at `step`, laid out like `template_state` (shapes, dtypes, shardings).
+
+        Default step: the newest that restores completely (state, data position and fingerprint). Newer
+        ones that do not are announced in one line each and moved to `<directory>.damaged/`, so that the
+        resumed run saves those steps afresh. Sets `restored_step`, whose data state `restore_data_state()`
+        then returns. Raises `CheckpointMismatchError` for another config's checkpoint and
+        `CheckpointReadError` when nothing (or not the `step` asked for) restores; the disk is then untouched.
+        """
+        if step is None:
+            step, state = self._restore_newest_intact(template_state)
+        else:
+            state = self._restore_one(step, template_state)
+        self.restored_step = step
+        return state
 
     def restore_data_state(self, step: Optional[int] = None) -> dict:
-        """The data iterator state saved with `step` (default: latest): grain's `get_state()` dict."""
-        step = self.latest_step() if step is None else step
+        """The data iterator state saved with `step`: grain's `get_state()` dict. Default: the step `restore`
+        restored (so state and data position always come from one checkpoint), else the latest."""
+        if step is None:
+            step = self.latest_step() if self.restored_step is None else self.restored_step
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
+    def _restore_one(self, step: int, template_state):
+        """The state at `step`; `CheckpointReadError` (one line) if it does not restore completely.
+
+        The error is raised outside the `except` block, so it does not keep orbax's error (a message of
+        hundreds of lines, and frames holding the reads orbax abandoned) alive as its context.
+        """
+        try:
+            return self._restore_complete(step, template_state)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # orbax re-raises tensorstore's read failures as a bare Exception
+            cause = read_failure_cause(error)
+        _quiet_abandoned_reads()
+        raise CheckpointReadError(f"Checkpoint step {step} in {self.directory} does not restore ({cause}).",
+                                  cause=cause)
+
+    def _restore_complete(self, step: int, template_state):
+        """Check the fingerprint, then read every item of `step` (state and data); returns the state."""
+        self.check_compatible(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+        items = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=items)["state"]
+
+    def _restore_newest_intact(self, template_state):
+        """(step, state) of the newest step that restores completely; newer damaged ones are set aside."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointReadError(f"No checkpoint in {self.directory}.")
+        damaged = {}  # step -> why it does not restore
+        for step in steps:
+            try:
+                state = self._restore_one(step, template_state)
+            except CheckpointReadError as error:
+                damaged[step] = error.cause
+                continue
+            self._set_aside(damaged, step)
+            return step, state
+        raise CheckpointReadError(
+            f"No checkpoint in {self.directory} restores (tried step(s) {', '.join(map(str, steps))}; newest: "
+            f"{damaged[steps[0]]}). Nothing was changed; move that folder away to start afresh.",
+            cause=damaged[steps[0]],
+        )
+
+    def _set_aside(self, damaged: dict, restored_step: int) -> None:
+        """Move each damaged step out of orbax's reach (kept for inspection), one line each. Otherwise the
+        resumed run would skip saving those steps (orbax saves no step <= its latest) and a later resume
+        or evaluation would meet the same damaged files."""
+        for step, cause in sorted(damaged.items(), reverse=True):
+            destination = _unused_path(os.path.join(f"{self.directory}.damaged", str(step)))
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                os.rename(os.path.join(self.directory, str(step)), destination)
+            announce(f"Skipped checkpoint step {step}: it does not restore ({cause}); "
+                     f"moved it to {destination} and restored step {restored_step} instead.")
+        if damaged:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("fgpair_jax: damaged checkpoints set aside")
+            self.manager.reload()
 
     def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
         """Start an asynchronous save of `state` and the iterator's `data_state` as `step` (no-op if that
@@ -173,3 +317,41 @@ class Checkpointer:
         if not os.path.isdir(self.directory):
             return []
         return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
+
+def _quiet_abandoned_reads() -> None:
+    """From now on, drop the tracebacks of the array reads a failed orbax restore abandons (idempotent).
+
+    When one read of a restore fails, orbax (0.12) closes its event loop with the other reads pending. Those
+    then print long tracebacks whenever the garbage collector or tensorstore's threads reach them (e.g.
+    mid-training, long after the one-line message): 'Exception ignored in <coroutine ...>' (orbax wraps each
+    read in `except BaseException: raise Exception(...)`) and 'RuntimeError: Event loop is closed'. Only
+    those two are dropped; any other unraisable exception reaches the previous hook.
+    """
+    if getattr(sys.unraisablehook, "drops_abandoned_orbax_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_orbax_reads = True
+    sys.unraisablehook = hook
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """An orbax read coroutine closed by the collector, or a read completing into orbax's closed loop."""
+    if inspect.iscoroutine(unraisable.object):
+        return f"{os.sep}orbax{os.sep}" in unraisable.object.cr_code.co_filename
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _unused_path(path: str) -> str:
+    """`path`, or `path.2`, `path.3`, ... : the first that does not exist (a step damaged twice)."""
+    candidate, number = path, 1
+    while os.path.exists(candidate):
+        number += 1
+        candidate = f"{path}.{number}"
+    return candidate

@@ -42,12 +42,21 @@ def info_nce(queries: jax.Array, keys: jax.Array, queue: jax.Array, temperature:
 def enqueue(queue: jax.Array, pointer: jax.Array, keys: jax.Array):
     """Overwrite the oldest `B` entries of a ring buffer with `keys`; returns (queue, next pointer).
 
+    Args:
+      queue: [K, d] ring buffer of keys.
+      pointer: integer scalar (int32 in the train state): the first row to overwrite.
+      keys: [B, d] new keys, cast to the queue's dtype.
+
+    Returns:
+      ([K, d] queue, next pointer with `pointer`'s dtype).
+
     The queue length must be a multiple of the global batch (checked when the state is created), so a
-    batch never wraps around the end.
+    batch never wraps around the end. The column index is built in `pointer`'s dtype: a bare 0 would be
+    int64 when the user's environment sets JAX_ENABLE_X64=1, and dynamic_update_slice rejects mixed types.
     """
     keys = jax.lax.stop_gradient(keys).astype(queue.dtype)
-    queue = jax.lax.dynamic_update_slice(queue, keys, (pointer, 0))
-    return queue, (pointer + keys.shape[0]) % queue.shape[0]
+    queue = jax.lax.dynamic_update_slice(queue, keys, (pointer, jnp.zeros_like(pointer)))
+    return queue, ((pointer + keys.shape[0]) % queue.shape[0]).astype(pointer.dtype)
 
 
 def ema_update(ema_tree, online_tree, momentum: float):

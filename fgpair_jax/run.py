@@ -83,10 +83,10 @@ def restore_or_start(config, workdir: str, run_plan: RunPlan, mesh,
     Raises `ConfigError` (one line, nothing on disk touched) when the checkpoint was written by another
     config: another model or method, other shapes, or another value of a key that defines training
     (`run_config.training_fingerprint`: epochs, batch, learning rate, ...)."""
-    step = checkpointer.latest_step()
-    if step is None:
+    if checkpointer.latest_step() is None:
         return fresh_state(config, workdir, run_plan, mesh), None
-    return checkpointer.restore(run_plan.abstract_state, step), checkpointer.restore_data_state(step)
+    state = checkpointer.restore(run_plan.abstract_state)  # walks back past damaged steps
+    return state, checkpointer.restore_data_state()  # of the step `restore` used
 
 
 def restore_latest(config, workdir: str, num_train_examples: int, mesh) -> state_lib.TrainState:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from fgpair_jax import numerics
-from fgpair_jax.data import sources as data_sources, splits
+from fgpair_jax.data import cub, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import get_method
@@ -39,6 +39,7 @@ KEYS_ADDED_SINCE = {
     "model.frozen_stages": 0,
     "model.depthwise_impl": "auto",
     "fgpair.pair_mode": "decoded",
+    "data.max_image_pixels": None,
     "fgpair.log_gradient_share": False,
 }
 
@@ -153,6 +154,7 @@ def validate(config) -> None:
     for key in ("crop_scale_min", "eval_crop_fraction"):
         _check(0.0 < config.data[key] <= 1.0, f"config.data.{key}={config.data[key]} must lie in (0, 1].")
     _check(config.data.worker_count >= 0, f"config.data.worker_count={config.data.worker_count} must be >= 0.")
+    cub.check_max_image_pixels(config.data.max_image_pixels)
     for key in ("jitter_prob", "grayscale_prob", "blur_prob"):
         _check(0.0 <= config.augment[key] <= 1.0, f"config.augment.{key}={config.augment[key]} must lie in [0, 1].")
     for key in ("learning_rate", "weight_decay", "warmup_epochs", "encoder_lr_scale"):

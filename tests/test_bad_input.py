@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -98,6 +99,52 @@ def test_bad_index_file_is_one_line_naming_it_and_the_layout(tmp_path, damage, e
     _one_line_error(excinfo, cause, "config.data.manual_dir")
 
 
+def _append(root, file_name, line):
+    with open(os.path.join(root, file_name), "a") as handle:
+        handle.write(line + "\n")
+
+
+def _replace_line(root, file_name, line_number, line):
+    path = os.path.join(root, file_name)
+    lines = open(path).read().splitlines()
+    lines[line_number - 1] = line
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+FIRST = "002.Bird_2/Bird_2_0000.jpg"  # image id 1 (train) of the tiny folder; ids 7-9 of class 2 are test
+
+
+@pytest.mark.parametrize(
+    "damage, cause",
+    [
+        (lambda root: _append(root, "images.txt", f"1 {FIRST}"),
+         f"images.txt line 28 repeats image id 1 of line 1 (same value '{FIRST}')"),
+        (lambda root: _append(root, "image_class_labels.txt", "3 9"),
+         "image_class_labels.txt line 28 repeats image id 3 of line 3 with a conflicting value ('9' after '2')"),
+        (lambda root: _append(root, "train_test_split.txt", "3 0"),
+         "train_test_split.txt line 28 repeats image id 3 of line 3 with a conflicting value ('0' after '1')"),
+        (lambda root: _append(root, "classes.txt", "5 005.Other_bird"),
+         "classes.txt line 4 repeats class id 5 of line 2 with a conflicting value ('005.Other_bird' after "),
+        (lambda root: _replace_line(root, "images.txt", 7, f"7 {FIRST}"),
+         f"images.txt line 7 lists '{FIRST}' as image id 7, but line 1 already lists that file as image id 1 "
+         "(one in train, one in test: a test image would be trained on)"),
+        (lambda root: _replace_line(root, "images.txt", 2, f"2 ./{FIRST}"),
+         f"images.txt line 2 lists './{FIRST}' as image id 2, but line 1 already lists that file as image id 1. "),
+    ],
+    ids=["repeated_id", "conflicting_label", "train_and_test", "repeated_class", "file_under_two_ids",
+         "same_file_spelt_differently"],
+)
+def test_repeated_or_conflicting_index_lines_are_one_line_naming_file_line_and_id(tmp_path, damage, cause):
+    """A later line used to overwrite an earlier one silently: a second label line changed the image's class,
+    and one file under two ids, one in train and one in test, leaked a test image into training."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    damage(root)
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, cause, "Correct the index file (nothing was built)")
+    assert not os.path.exists(tmp_path / "tfds")
+
+
 def test_no_readable_image_in_a_split_is_one_line_and_the_fixed_folder_then_builds(tmp_path):
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
     shutil.move(os.path.join(root, "images"), str(tmp_path / "elsewhere"))
@@ -111,6 +158,54 @@ def test_no_readable_image_in_a_split_is_one_line_and_the_fixed_folder_then_buil
     shutil.move(str(tmp_path / "elsewhere"), os.path.join(root, "images"))
     _, info = cub.load_cub_sources(root, data_dir)  # The failed build left nothing behind to be reused.
     assert info.split_sizes == {"train": 6, "test": 3}
+
+
+@pytest.mark.parametrize("listed_form, disk_form", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_names_match_files_across_unicode_normal_forms(tmp_path, listed_form, disk_form):
+    """A folder prepared or unzipped on macOS stores 'é' as 'e' + U+0301 (NFD) while images.txt has one code
+    point (NFC): other bytes on Linux, so the image used to be skipped as 'undecodable'."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    accented = "002.Bird_2/Bird_2_Caf\u00e9_Gr\u00fcnfink_0000.jpg"
+    listed, on_disk = (unicodedata.normalize(form, accented) for form in (listed_form, disk_form))
+    assert listed != on_disk
+    os.rename(os.path.join(root, "images", FIRST), os.path.join(root, "images", on_disk))
+    _replace_line(root, "images.txt", 1, f"1 {listed}")
+    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert info.skipped_files == {"train": (), "test": ()} and info.split_sizes == {"train": 18, "test": 9}
+    stored = {sources["train"][i]["image_id"]: sources["train"][i]["file_name"].decode() for i in range(18)}
+    assert stored[1] == listed  # the id's name as images.txt spells it
+
+
+def test_a_photo_above_pillows_pixel_limit_is_too_large_and_kept_when_allowed(tmp_path, monkeypatch, caplog):
+    """Pillow refuses more than 2 x MAX_IMAGE_PIXELS pixels (about 179 million) as a decompression bomb; such
+    a valid photo used to be reported 'undecodable'. Here MAX_IMAGE_PIXELS = 4000 stands for Pillow's
+    default, so a 100 x 100 photo is above the limit while the fixture's (at most 72 x 48) are not."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    monkeypatch.setattr(cub, "STORED_MAX_PIXELS", 4000)
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+    open(os.path.join(root, "images", FIRST), "wb").write(_jpeg_bytes(_noise(100, 100), quality=90))
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        _, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert info.skipped_by_reason == {"train": {"too large": (FIRST,)}, "test": {}}
+    assert any(f"skipped 1 too large images: {FIRST} (" in m and "config.data.max_image_pixels" in m
+               for m in caplog.messages)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"), max_image_pixels=10_000)
+    assert info.skipped_files == {"train": (), "test": ()} and info.split_sizes["train"] == 18
+    first = next(sources["train"][i] for i in range(18) if sources["train"][i]["image_id"] == 1)
+    height, width, _ = first["image"].shape  # decoded by Pillow with its (patched) limit, as a reader would
+    assert height == width and 3900 <= height * width <= 4000
+    assert any(f"stored 1 images downscaled to 4000 pixels" in m and FIRST in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "big", True])
+def test_max_image_pixels_must_be_a_positive_integer_or_none(tmp_path, bad):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"), max_image_pixels=bad)
+    _one_line_error(excinfo, f"config.data.max_image_pixels={bad!r}: use a positive integer, or None")
 
 
 # ---------------------------------------------------------------- single images
@@ -238,7 +333,11 @@ def test_bad_images_are_skipped_with_counted_warnings_and_odd_ones_kept(bad_buil
     skipped_train = sorted(names[kind] for kind in BAD_TRAIN.values() if kind in UNREADABLE)
     assert info.skipped_files == {"train": tuple(skipped_train), "test": (names["truncated_progressive"],)}
     assert info.split_sizes == {"train": 18 - 4, "test": 9 - 1}
-    assert f"CUB train split: skipped 4 undecodable images: {', '.join(skipped_train)}" in warnings
+    undecodable_train = [name for name in skipped_train if name != names["missing"]]
+    assert info.skipped_by_reason == {"train": {"missing": (names["missing"],), "undecodable": tuple(undecodable_train)},
+                                      "test": {"undecodable": (names["truncated_progressive"],)}}
+    assert f"CUB train split: skipped 3 undecodable images: {', '.join(undecodable_train)}" in warnings
+    assert f"CUB train split: skipped 1 missing images: {names['missing']}" in warnings
     assert f"CUB test split: skipped 1 undecodable images: {names['truncated_progressive']}" in warnings
     kept = {sources[split][i]["file_name"].decode(): sources[split][i]["image"]
             for split in ("train", "test") for i in range(len(sources[split]))}

@@ -53,6 +53,17 @@ def test_enqueue_overwrites_oldest_rows_in_ring_order():
     assert int(pointer) == 2
 
 
+def test_enqueue_under_64_bit_mode_keeps_the_pointer_int32():
+    """JAX_ENABLE_X64=1 in a user's shell made the literal column index int64 beside the int32 pointer."""
+    with jax.enable_x64(True):
+        queue, pointer = contrastive.enqueue(jnp.zeros((4, 2), jnp.float32), jnp.int32(2), jnp.ones((2, 2)))
+        jitted = jax.jit(contrastive.enqueue)(queue, jnp.int32(0), jnp.full((2, 2), 2.0))
+    np.testing.assert_array_equal(np.asarray(queue)[:, 0], [0, 0, 1, 1])
+    assert queue.dtype == jnp.float32 and pointer.dtype == jnp.int32 and int(pointer) == 0
+    np.testing.assert_array_equal(np.asarray(jitted[0])[:, 0], [2, 2, 1, 1])
+    assert jitted[1].dtype == jnp.int32 and int(jitted[1]) == 2
+
+
 def test_ema_update_is_the_convex_combination_leafwise():
     ema = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(3.0)}}
     online = {"a": jnp.array([3.0, 6.0]), "b": {"c": jnp.array(-1.0)}}

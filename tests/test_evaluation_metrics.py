@@ -50,7 +50,8 @@ def reference_retrieval(features, labels):
 
 
 def reference_knn(train_features, train_labels, test_features, test_labels, k, temperature):
-    """Weighted k-NN accuracy (percent) by definition."""
+    """Weighted k-NN accuracy (percent) by definition, in float64. Each class's vote sum(exp(s_j / T)) is
+    compared as its logarithm (log-sum-exp), which orders votes the same and cannot overflow at small T."""
     train = np.asarray(train_features, np.float64)
     test = np.asarray(test_features, np.float64)
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
@@ -59,12 +60,18 @@ def reference_knn(train_features, train_labels, test_features, test_labels, k, t
     for i in range(len(test)):
         similarity = [float(test[i] @ train[j]) for j in range(len(train))]
         neighbours = sorted(range(len(train)), key=lambda j: (-similarity[j], j))[:k]
-        votes = {}
+        exponents = {}
         for j in neighbours:
-            votes[train_labels[j]] = votes.get(train_labels[j], 0.0) + math.exp(similarity[j] / temperature)
-        prediction = max(votes, key=lambda c: (votes[c], -c))
+            exponents.setdefault(train_labels[j], []).append(similarity[j] / temperature)
+        log_votes = {c: _log_sum_exp(values) for c, values in exponents.items()}
+        prediction = max(log_votes, key=lambda c: (log_votes[c], -c))
         correct += prediction == test_labels[i]
     return 100 * correct / len(test)
+
+
+def _log_sum_exp(values):
+    largest = max(values)
+    return largest + math.log(sum(math.exp(v - largest) for v in values))
 
 
 def _random_split(seed, n=40, dim=8, num_classes=5):
@@ -138,7 +145,7 @@ def test_retrieval_errors_name_the_problem():
 # kNN.
 
 
-@pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5)])
+@pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5), (5, 0.01), (5, 0.001)])
 def test_knn_matches_bruteforce_reference(k, temperature):
     train_features, train_labels = _random_split(7, n=60)
     test_features, test_labels = _random_split(8, n=25)
@@ -147,6 +154,19 @@ def test_knn_matches_bruteforce_reference(k, temperature):
     )
     want = reference_knn(train_features, train_labels, test_features, test_labels, k, temperature)
     assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.01, 0.001])
+def test_knn_at_small_temperatures_matches_the_float64_reference(temperature):
+    """exp(cos / T) overflows float32 once cos / T > 88 (T = 0.01 and cos > 0.89): the votes became inf and
+    NaN and kNN silently scored 0%. Queries here are near-copies of train images, so cos is about 0.99."""
+    train_features, train_labels = _random_split(11, n=60)
+    rng = np.random.default_rng(12)
+    test_features = train_features[:30] + rng.normal(scale=0.05, size=(30, 8)).astype(np.float32)
+    test_labels = train_labels[:30]
+    got = knn_top1(train_features, train_labels, test_features, test_labels, k=5, temperature=temperature)
+    want = reference_knn(train_features, train_labels, test_features, test_labels, 5, temperature)
+    assert want > 50 and got == pytest.approx(want)
 
 
 def test_knn_separable_clusters_are_perfect_and_scale_free():

@@ -1,4 +1,5 @@
 """Reliability: non-finite steps, SIGTERM, kill -9 + resume, determinism, a full disk on save."""
+import gc
 import json
 import os
 import signal
@@ -168,3 +169,110 @@ def test_resume_truncates_metrics_logged_after_the_checkpoint(tmp_path):
     path.write_text("\n".join(lines + [json.dumps({"step": 2, "eval/linear_top1": 1.0}), '{"step": 5, "lo']))
     truncate_jsonl(str(path), resume_step=2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint storage: paths, retention, damaged checkpoints. A tiny dict of arrays stands in for the state.
+
+FINGERPRINT = {"format_version": checkpointing.FORMAT_VERSION, "shapes": {}}
+
+
+def tiny_state(step: int) -> dict:
+    """4000 incompressible floats: the array's data file is the largest file of a step's `state` item."""
+    noise = np.random.default_rng(step).normal(size=4000).astype(np.float32)
+    return {"w": jnp.asarray(noise), "step": jnp.int32(step)}
+
+
+def save_steps(directory: str, steps, keep: int = 10) -> None:
+    checkpointer = checkpointing.Checkpointer(directory, keep, FINGERPRINT)
+    for step in steps:
+        checkpointer.save(step, tiny_state(step), {"next_index": step})
+    checkpointer.close()
+
+
+def cut_in_half(directory: str, step: int, item: str) -> str:
+    """Truncate the largest data file of `item` ('state' or 'data') in step `step` to half its size."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(directory, str(step), item))
+             for name in names if name != "commit_success.txt"]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+    return largest
+
+
+def test_a_workdir_with_brackets_is_refused_before_anything_is_written(tmp_path):
+    for name in ("lr[0.03]", "lr]", "run*", "run?"):
+        directory = tmp_path / name / "checkpoints"
+        with pytest.raises(checkpointing.CheckpointPathError) as raised:
+            checkpointing.Checkpointer(str(directory), 3, FINGERPRINT)
+        message = str(raised.value)
+        assert "\n" not in message and str(directory) in message and "glob" in message and "--workdir" in message
+        assert not os.path.exists(tmp_path / name)
+    checkpointing.Checkpointer(str(tmp_path / "lr0.03 (run 1)" / "checkpoints"), 3, FINGERPRINT).close()
+
+
+def test_orbax_itself_cannot_restore_under_a_bracketed_path(tmp_path):
+    """Why the refusal above: orbax's save merges its files with a glob of the path, so the save 'succeeds'
+    and the restore fails. If this test starts failing, orbax has fixed it: lift the refusal."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(str(tmp_path / "lr[0.03]"), item_names=("state",))
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tiny_state(1))))
+    manager.wait_until_finished()
+    assert manager.latest_step() == 1
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tiny_state(1))
+    checkpointing._quiet_abandoned_reads()  # as the Checkpointer does: else tracebacks print at a later gc
+    with pytest.raises(Exception, match="NOT_FOUND"):
+        manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    manager.close()
+
+
+@pytest.mark.parametrize("keep,kept", [(0, [1, 2, 3]), (-1, [1, 2, 3]), (1, [3]), (2, [2, 3])])
+def test_keep_checkpoints_zero_or_less_keeps_all_and_never_the_newest_is_deleted(tmp_path, keep, kept):
+    directory = str(tmp_path / "checkpoints")
+    save_steps(directory, (1, 2, 3), keep=keep)
+    assert sorted(int(name) for name in os.listdir(directory) if name.isdigit()) == kept
+
+
+@pytest.mark.parametrize("item", ["state", "data"])
+def test_restore_skips_a_damaged_newest_checkpoint_in_one_line_and_resaves_its_step(tmp_path, capsys, item,
+                                                                                     monkeypatch):
+    gc.collect()  # what earlier tests left is not this test's business
+    unraisable = []  # orbax's abandoned reads used to print a traceback each when garbage-collected
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    directory = str(tmp_path / "checkpoints")
+    save_steps(directory, (1, 2, 3))
+    cut_in_half(directory, 3, item)
+    checkpointer = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    restored = checkpointer.restore(tiny_state(0))
+    np.testing.assert_array_equal(restored["w"], tiny_state(2)["w"])
+    assert checkpointer.restored_step == 2 and checkpointer.latest_step() == 2
+    assert checkpointer.restore_data_state() == {"next_index": 2}  # the data position of the same step
+    lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("Skipped checkpoint step 3: it does not restore (")
+    assert f"moved it to {directory}.damaged/3 and restored step 2" in lines[0]
+    assert os.path.isdir(f"{directory}.damaged/3") and not os.path.exists(os.path.join(directory, "3"))
+    assert checkpointer.save(3, tiny_state(3), {"next_index": 3})  # the resumed run writes step 3 afresh
+    checkpointer.close()
+    reopened = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    np.testing.assert_array_equal(reopened.restore(tiny_state(0))["w"], tiny_state(3)["w"])
+    assert reopened.restored_step == 3 and reopened.restore_data_state() == {"next_index": 3}
+    reopened.close()
+    gc.collect()
+    assert not unraisable, [repr(u.object) for u in unraisable]
+
+
+def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    save_steps(directory, (1, 2))
+    cut_in_half(directory, 1, "state")
+    cut_in_half(directory, 2, "state")
+    checkpointer = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    with pytest.raises(checkpointing.CheckpointReadError) as raised:
+        checkpointer.restore(tiny_state(0))
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 700 and "tried step(s) 2, 1;" in message
+    assert "Nothing was changed" in message and checkpointer.restored_step is None
+    assert sorted(os.listdir(directory)) == ["1", "2"] and not os.path.exists(f"{directory}.damaged")
+    with pytest.raises(checkpointing.CheckpointReadError, match=r"^Checkpoint step 2 in .* does not restore \("):
+        checkpointer.restore(tiny_state(0), step=2)  # an explicit step is not walked back from
+    checkpointer.close()

@@ -13,10 +13,11 @@ from fgpair_jax import checkpointing, optim, parallel, state as state_lib, step 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = "moco") -> dict:
-    out = str(tmp_path / f"steps_{num_devices}dev_{method}.npz")
+def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = "moco", **env_vars) -> dict:
+    tag = "".join(f"_{name}{value}" for name, value in env_vars.items())
+    out = str(tmp_path / f"steps_{num_devices}dev_{method}{tag}.npz")
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", **env_vars)
     subprocess.run([sys.executable, os.path.join(HERE, "run_steps.py"), out, str(num_steps), method],
                    check=True, env=env, capture_output=True, timeout=600)
     return dict(np.load(out))
@@ -30,6 +31,16 @@ def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
     assert set(one) == set(two)
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_steps_under_64_bit_mode_equal_the_default_and_stay_32_bit(tmp_path):
+    """A user's JAX_ENABLE_X64=1 crashed the first step (int32 and int64 queue indices); now it is the same step."""
+    wide = run_in_subprocess(tmp_path, 1, 2, "fgpair", JAX_ENABLE_X64="1")
+    default = run_in_subprocess(tmp_path, 1, 2, "fgpair", JAX_ENABLE_X64="0")
+    assert set(wide) == set(default)
+    for name in default:
+        assert wide[name].dtype == default[name].dtype, name
+        np.testing.assert_allclose(wide[name], default[name], rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def fresh_state(config, mesh, tx):

@@ -13,9 +13,18 @@ moved) reuses its build: `<data_dir>/cub_folder/<config name>/1.0.0/`.
 
 Image hygiene happens once, at build time: every image is fully decoded; valid RGB JPEGs are stored
 byte-for-byte, anything else (greyscale, CMYK, RGBA, PNG under a .jpg name, ...) is converted to an RGB
-JPEG, and undecodable or missing files are skipped and reported in one warning per split (a split with
-no readable image at all is a one-line error). The decode is strict even where PIL has been told to
+JPEG. Files that cannot be stored are skipped and reported as what they are, one warning per split and
+reason: "missing" (no such file, even across Unicode normal forms), "undecodable" (not a complete image)
+and "too large" (more pixels than `max_image_pixels`; default Pillow's decompression-bomb limit). A split
+with no readable image at all is a one-line error. The decode is strict even where PIL has been told to
 accept truncated files. Nothing undecodable can reach training.
+
+Names: images.txt is matched to the files part by part, exactly first, then across Unicode normal forms
+(NFC/NFD): a folder prepared or unzipped on macOS stores 'é' as 'e' + U+0301, other bytes on Linux.
+
+Large images: readers decode with Pillow in fresh processes, which refuse more than 2 x
+`PIL.Image.MAX_IMAGE_PIXELS` and warn above it. An image accepted above `STORED_MAX_PIXELS` (possible once
+`max_image_pixels` is raised deliberately) is therefore stored downscaled to fit, and reported.
 
 Multi-host: build once (e.g. on process 0, or before launching) when several processes share a data_dir;
 concurrent first builds of the same config race on TFDS's temporary directory.
@@ -23,18 +32,20 @@ concurrent first builds of the same config race on TFDS's temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageFile
 
-from fgpair_jax.errors import DataError, MissingFileError
+from fgpair_jax.errors import ConfigError, DataError, MissingFileError
 
 _LOG = logging.getLogger(__name__)
 
@@ -47,6 +58,18 @@ SPLITS = ("train", "test")
 _FINGERPRINT_HEX_DIGITS = 10
 _REENCODE_JPEG_QUALITY = 95
 _SKIPPED_NAMES_SHOWN = 5
+MISSING, UNDECODABLE, TOO_LARGE = "missing", "undecodable", "too large"
+SKIP_REASONS = (MISSING, UNDECODABLE, TOO_LARGE)
+STORED_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default (about 89 million): readers decode this quietly
+
+
+class UnreadableImage(Exception):
+    """A listed image that cannot be stored; `reason` is one of SKIP_REASONS, `detail` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +88,20 @@ def _layout_error(manual_dir: str, problem: str) -> DataError:
     return DataError(f"CUB folder {manual_dir!r}: {problem}; {EXPECTED_LAYOUT}.")
 
 
-def _read_id_table(manual_dir: str, file_name: str) -> dict[int, str]:
-    """Parses '<int id> <value>' lines; blank lines are ignored, anything else is a layout error."""
+def _index_error(manual_dir: str, problem: str) -> DataError:
+    """An index file contradicts itself or another one: one line; nothing has been built yet."""
+    return DataError(f"CUB folder {manual_dir!r}: {problem}. Correct the index file (nothing was built).")
+
+
+def _read_id_table(manual_dir: str, file_name: str, id_kind: str = "image id") -> tuple[dict[int, str], dict[int, int]]:
+    """Parses '<int id> <value>' lines into ({id: value}, {id: line number}); blank lines are ignored.
+
+    Raises a one-line ValueError for a line of another shape (a layout error) and for an id on two lines,
+    naming the file, both line numbers and the id: a later line must not silently overwrite an earlier one
+    (a second label line would change the image's class, a second split line move it between train and test).
+    """
     table: dict[int, str] = {}
+    line_of: dict[int, int] = {}
     try:
         with open(os.path.join(manual_dir, file_name), encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
@@ -76,11 +110,24 @@ def _read_id_table(manual_dir: str, file_name: str) -> dict[int, str]:
                 parts = line.split(maxsplit=1)
                 if len(parts) != 2 or not parts[0].isdigit():
                     raise _layout_error(manual_dir, f"{file_name} line {line_number} is not '<id> <value>'")
-                table[int(parts[0])] = parts[1].strip()
+                key, value = int(parts[0]), parts[1].strip()
+                if key in table:
+                    raise _index_error(manual_dir, _repeated_id(file_name, id_kind, key, (line_of[key], table[key]),
+                                                                (line_number, value)))
+                table[key], line_of[key] = value, line_number
     except UnicodeDecodeError as error:  # A binary or UTF-16 file: say which one, not a bare codec error.
         problem = f"{file_name} is not UTF-8 text ({error.reason} at byte {error.start})"
         raise _layout_error(manual_dir, problem) from None
-    return table
+    return table, line_of
+
+
+def _repeated_id(file_name: str, id_kind: str, key: int, first: tuple[int, str], again: tuple[int, str]) -> str:
+    """'<file> line <n> repeats <id kind> <id> of line <m>', saying whether the two values conflict."""
+    (first_line, first_value), (line, value) = first, again
+    where = f"{file_name} line {line} repeats {id_kind} {key} of line {first_line}"
+    if value == first_value:
+        return f"{where} (same value {value!r})"
+    return f"{where} with a conflicting value ({value!r} after {first_value!r})"
 
 
 def _check_folder_exists(manual_dir: str) -> None:
@@ -106,10 +153,10 @@ def _check_folder_exists(manual_dir: str) -> None:
 def read_cub_index(manual_dir: str) -> CubIndex:
     """Reads and cross-checks the index files; raises one clear error naming the layout if anything is off."""
     _check_folder_exists(manual_dir)
-    images = _read_id_table(manual_dir, "images.txt")
-    labels = _read_id_table(manual_dir, "image_class_labels.txt")
-    split = _read_id_table(manual_dir, "train_test_split.txt")
-    classes = _read_id_table(manual_dir, "classes.txt")
+    images, image_lines = _read_id_table(manual_dir, "images.txt")
+    labels, _ = _read_id_table(manual_dir, "image_class_labels.txt")
+    split, _ = _read_id_table(manual_dir, "train_test_split.txt")
+    classes, _ = _read_id_table(manual_dir, "classes.txt", id_kind="class id")
     if not images:
         raise _layout_error(manual_dir, "images.txt lists no images")
     for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split)):
@@ -119,6 +166,7 @@ def read_cub_index(manual_dir: str) -> CubIndex:
     bad = [i for i in images if not labels[i].isdigit() or split[i] not in ("0", "1")]
     if bad:
         raise _layout_error(manual_dir, f"non-integer class id or split flag for image ids {bad[:5]}")
+    _check_each_file_listed_once(manual_dir, images, image_lines, split)
     image_ids = tuple(sorted(images))
     class_ids = tuple(int(labels[i]) for i in image_ids)
     present = tuple(sorted(set(class_ids)))
@@ -135,6 +183,30 @@ def read_cub_index(manual_dir: str) -> CubIndex:
     )
 
 
+def same_file_key(file_name: str) -> str:
+    """What two names in images.txt have in common when they name one file: Unicode normal form NFC and
+    a normalised path ('a//b.jpg', './a/b.jpg' and 'a/b.jpg' are one file)."""
+    return os.path.normpath(unicodedata.normalize("NFC", file_name))
+
+
+def _check_each_file_listed_once(manual_dir: str, images: dict, image_lines: dict, split: dict) -> None:
+    """One-line ValueError if images.txt lists one image file under two ids (naming both lines, ids and the
+    file): it would be stored twice, and with one id in train and one in test a test image leaks into SSL."""
+    first_id: dict[str, int] = {}
+    for image_id in sorted(images, key=image_lines.get):
+        key = same_file_key(images[image_id])
+        if key not in first_id:
+            first_id[key] = image_id
+            continue
+        other = first_id[key]
+        leak = " (one in train, one in test: a test image would be trained on)"
+        raise _index_error(
+            manual_dir, f"images.txt line {image_lines[image_id]} lists {images[image_id]!r} as image id {image_id}, "
+            f"but line {image_lines[other]} already lists that file as image id {other}"
+            f"{leak if split[other] != split[image_id] else ''}"
+        )
+
+
 def index_fingerprint(manual_dir: str) -> str:
     """Short content hash of the index files: names the build, so different folders never share one."""
     digest = hashlib.sha256()
@@ -144,51 +216,141 @@ def index_fingerprint(manual_dir: str) -> str:
     return digest.hexdigest()[:_FINGERPRINT_HEX_DIGITS]
 
 
-def as_rgb_jpeg_bytes(path: str) -> bytes | None:
-    """The image at `path` as RGB JPEG bytes (original bytes when already so), or None if undecodable.
+def find_image(images_dir: str, file_name: str) -> str | None:
+    """The path on disk of `file_name` ('/'-separated, relative to `images_dir`), or None if there is none.
 
-    The decode is strict whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says: TFDS sets that global to True
-    when it draws a thumbnail (and other libraries do too), and a truncated JPEG accepted here would be
-    stored byte-for-byte and then fail to decode mid-run in a fresh process where the flag is False again.
+    Each part is matched exactly first, then across Unicode normal forms (NFC/NFD, see the module docstring).
     """
-    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    path = images_dir
+    for part in file_name.split("/"):
+        path = _folder_entry(path, part)
+        if path is None:
+            return None
+    return path
+
+
+def _folder_entry(folder: str, name: str) -> str | None:
+    """`folder/name` if it exists, else the entry of `folder` equal to `name` in NFC (first in sorted order)."""
+    exact = os.path.join(folder, name)
+    if os.path.lexists(exact):
+        return exact
+    wanted = unicodedata.normalize("NFC", name)
+    try:
+        matches = sorted(entry for entry in os.listdir(folder) if unicodedata.normalize("NFC", entry) == wanted)
+    except OSError:  # `folder` is missing or not a folder
+        return None
+    return os.path.join(folder, matches[0]) if matches else None
+
+
+def pixel_limit(max_image_pixels: int | None) -> int | None:
+    """The most pixels an image may have: `max_image_pixels`, or for None Pillow's own limit, 2 x
+    `PIL.Image.MAX_IMAGE_PIXELS` (above it Pillow raises DecompressionBombError; None there means no limit)."""
+    if max_image_pixels is not None:
+        return max_image_pixels
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+@contextlib.contextmanager
+def _strict_pillow():
+    """A strict decode whatever Pillow's globals say, and no pixel check of Pillow's own (`load_rgb_jpeg`
+    applies the limit). TFDS sets LOAD_TRUNCATED_IMAGES=True when it draws a thumbnail (other libraries do
+    too): a truncated JPEG accepted here would be stored byte-for-byte and fail mid-run in a fresh process."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_rgb_jpeg(path: str, max_image_pixels: int | None = None) -> tuple[bytes, bool]:
+    """(RGB JPEG bytes to store, whether the image was downscaled) for the image file at `path`.
+
+    The original bytes when already an RGB JPEG of at most STORED_MAX_PIXELS pixels; otherwise the fully
+    decoded image converted to RGB (and downscaled to STORED_MAX_PIXELS) and re-encoded. Raises
+    `UnreadableImage` with reason MISSING (no file), TOO_LARGE (more than `pixel_limit(max_image_pixels)`
+    pixels; checked from the header, before decoding) or UNDECODABLE (anything Pillow cannot fully decode).
+    Pillow's own check is off meanwhile: this one applies its criterion (pixels > 2 x MAX_IMAGE_PIXELS, its
+    DecompressionBombError) by default, and a deliberately raised limit instead.
+    """
+    limit = pixel_limit(max_image_pixels)
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()  # A full decode: truncated files fail here, not mid-training.
-            if image.format == "JPEG" and image.mode == "RGB":
-                return raw
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=_REENCODE_JPEG_QUALITY)
-            return buffer.getvalue()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except FileNotFoundError:
+        raise UnreadableImage(MISSING) from None
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise UnreadableImage(UNDECODABLE, error.strerror or type(error).__name__) from None
+    with _strict_pillow():
+        try:
+            with Image.open(io.BytesIO(raw)) as image:
+                if limit is not None and image.width * image.height > limit:
+                    raise UnreadableImage(TOO_LARGE, f"{image.width}x{image.height} pixels, above {limit}")
+                image.load()  # A full decode: truncated files fail here, not mid-training.
+                return _stored_jpeg(raw, image)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise UnreadableImage(UNDECODABLE, str(error) or type(error).__name__) from None
+
+
+def _stored_jpeg(raw: bytes, image: Image.Image) -> tuple[bytes, bool]:
+    """`raw` if it is an RGB JPEG readers can decode quietly, else `image` as one: (bytes, downscaled)."""
+    pixels = image.width * image.height
+    if image.format == "JPEG" and image.mode == "RGB" and pixels <= STORED_MAX_PIXELS:
+        return raw, False
+    rgb = image.convert("RGB")
+    downscaled = pixels > STORED_MAX_PIXELS
+    if downscaled:
+        scale = (STORED_MAX_PIXELS / pixels) ** 0.5
+        rgb = rgb.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                         Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=_REENCODE_JPEG_QUALITY)
+    return buffer.getvalue(), downscaled
+
+
+def as_rgb_jpeg_bytes(path: str, max_image_pixels: int | None = None) -> bytes | None:
+    """The bytes `load_rgb_jpeg` would store for `path`, or None if it cannot be stored (for any reason)."""
+    try:
+        return load_rgb_jpeg(path, max_image_pixels)[0]
+    except UnreadableImage:
         return None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 class CubFolderConfig(tfds.core.BuilderConfig):
-    """A build of one CUB folder: its present classes (the label set) and the fingerprint naming it."""
+    """A build of one CUB folder: its present classes (the label set), the fingerprint naming it and the
+    pixel limit it was built with (a raised `max_image_pixels` keeps images a default build skips, so it
+    names a build of its own: `classes<C>_<fingerprint>_max<N>px`)."""
 
-    def __init__(self, *, class_ids: Sequence[int], class_names: Sequence[str], fingerprint: str):
+    def __init__(self, *, class_ids: Sequence[int], class_names: Sequence[str], fingerprint: str,
+                 max_image_pixels: int | None = None):
+        limit = "" if max_image_pixels is None else f"_max{max_image_pixels}px"
         super().__init__(
-            name=f"classes{len(class_ids)}_{fingerprint}",
+            name=f"classes{len(class_ids)}_{fingerprint}{limit}",
             description=f"CUB folder with {len(class_ids)} classes, index fingerprint {fingerprint}.",
         )
         self.class_ids = tuple(int(c) for c in class_ids)
         self.class_names = tuple(class_names)
         self.fingerprint = fingerprint
+        self.max_image_pixels = max_image_pixels
 
     @classmethod
-    def from_folder(cls, manual_dir: str) -> "CubFolderConfig":
+    def from_folder(cls, manual_dir: str, max_image_pixels: int | None = None) -> "CubFolderConfig":
         index = read_cub_index(manual_dir)
         return cls(
             class_ids=index.present_class_ids,
             class_names=index.present_class_names,
             fingerprint=index_fingerprint(manual_dir),
+            max_image_pixels=check_max_image_pixels(max_image_pixels),
         )
+
+
+def check_max_image_pixels(max_image_pixels: int | None) -> int | None:
+    """`max_image_pixels` if it is None or a positive integer, else a one-line ValueError."""
+    is_integer = isinstance(max_image_pixels, int) and not isinstance(max_image_pixels, bool)
+    if max_image_pixels is None or (is_integer and max_image_pixels > 0):
+        return max_image_pixels
+    raise ConfigError(f"config.data.max_image_pixels={max_image_pixels!r}: use a positive integer, or None for "
+                     f"Pillow's decompression-bomb limit.")
 
 
 class CubFolder(tfds.core.GeneratorBasedBuilder):
@@ -198,8 +360,12 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
     or simply `load_cub_sources`.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: reads an extracted CUB_200_2011/ folder."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: reads an extracted CUB_200_2011/ folder.",
+        "1.1.0": "Names matched across Unicode normal forms; skips recorded by reason (missing, undecodable, "
+                 "too large); images above Pillow's pixel limit stored downscaled.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) and pass the "
         "resulting CUB_200_2011/ folder as manual_dir (config.data.manual_dir). It must hold images.txt, "
@@ -242,16 +408,21 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, manual_dir: str, index: CubIndex, split: str):
         label_of_class = {class_id: label for label, class_id in enumerate(index.present_class_ids)}
-        skipped: list[str] = []
+        skipped: list[tuple[str, str]] = []  # (file name, reason), in image id order
+        downscaled: list[str] = []
+        images_dir = os.path.join(manual_dir, "images")
         for image_id, file_name, class_id, is_train in zip(
             index.image_ids, index.file_names, index.class_ids, index.is_train
         ):
             if is_train != (split == "train"):
                 continue
-            jpeg = as_rgb_jpeg_bytes(os.path.join(manual_dir, "images", file_name))
-            if jpeg is None:
-                skipped.append(file_name)
+            try:
+                jpeg, was_downscaled = _read_listed_image(images_dir, file_name, self.builder_config.max_image_pixels)
+            except UnreadableImage as problem:
+                skipped.append((file_name, problem.reason))
                 continue
+            if was_downscaled:
+                downscaled.append(file_name)
             yield image_id, {
                 "image": jpeg,
                 "label": label_of_class[class_id],
@@ -259,19 +430,47 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
                 "image_id": image_id,
                 "file_name": file_name,
             }
-        self.info.metadata[f"skipped_{split}"] = skipped
-        if skipped and len(skipped) == sum(flag == (split == "train") for flag in index.is_train):
+        self._record_and_report(manual_dir, index, split, skipped, downscaled)
+
+    def _record_and_report(self, manual_dir, index, split, skipped: list, downscaled: list) -> None:
+        """Keeps the skipped and downscaled names in the build's metadata and warns once per split and reason;
+        a split of which nothing could be stored is a one-line error."""
+        every_skip = [name for name, _ in skipped]
+        by_reason = {reason: [name for name, why in skipped if why == reason] for reason in SKIP_REASONS}
+        by_reason = {reason: names for reason, names in by_reason.items() if names}
+        self.info.metadata[f"skipped_{split}"] = every_skip
+        self.info.metadata[f"skipped_{split}_by_reason"] = by_reason
+        self.info.metadata[f"downscaled_{split}"] = downscaled
+        counts = ", ".join(f"{len(names)} {reason}" for reason, names in by_reason.items())
+        if every_skip and len(every_skip) == sum(flag == (split == "train") for flag in index.is_train):
             # Otherwise TFDS fails with a bare 'No examples were yielded' assertion.
             raise _layout_error(
                 manual_dir,
-                f"none of the {len(skipped)} {split} images listed in images.txt could be read from images/ "
-                f"(missing or undecodable, e.g. {skipped[0]!r})",
+                f"none of the {len(every_skip)} {split} images listed in images.txt could be read from images/ "
+                f"({counts}, e.g. {every_skip[0]!r})",
             )
-        if skipped:
-            _LOG.warning(
-                "CUB %s split: skipped %d undecodable images: %s",
-                split, len(skipped), ", ".join(skipped[:_SKIPPED_NAMES_SHOWN]),
-            )
+        for reason, names in by_reason.items():
+            _LOG.warning("CUB %s split: skipped %d %s images: %s%s", split, len(names), reason,
+                         ", ".join(names[:_SKIPPED_NAMES_SHOWN]), _HINTS.get(reason, ""))
+        if downscaled:
+            _LOG.warning("CUB %s split: stored %d images downscaled to %d pixels (Pillow's limit, so that every "
+                         "reader decodes them): %s", split, len(downscaled), STORED_MAX_PIXELS,
+                         ", ".join(downscaled[:_SKIPPED_NAMES_SHOWN]))
+
+
+_HINTS = {
+    TOO_LARGE: " (more pixels than Pillow's decompression-bomb limit or config.data.max_image_pixels; raise "
+               "config.data.max_image_pixels to keep them)",
+}
+
+
+def _read_listed_image(images_dir: str, file_name: str, max_image_pixels: int | None) -> tuple[bytes, bool]:
+    """`load_rgb_jpeg` of the file images.txt names `file_name` (see `find_image`); UnreadableImage(MISSING)
+    when there is no such file."""
+    path = find_image(images_dir, file_name)
+    if path is None:
+        raise UnreadableImage(MISSING)
+    return load_rgb_jpeg(path, max_image_pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,18 +481,26 @@ class CubSourceInfo:
     class_ids: tuple[int, ...]  # original CUB id of each label
     class_names: tuple[str, ...]
     split_sizes: Mapping[str, int]
-    skipped_files: Mapping[str, tuple[str, ...]]  # per split: undecodable images left out at build time
+    skipped_files: Mapping[str, tuple[str, ...]]  # per split: images left out at build time, for any reason
     builder_dir: str
+    # per split: {reason in SKIP_REASONS: file names}; empty for a build made before reasons were recorded
+    skipped_by_reason: Mapping[str, Mapping[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
 
-def load_cub_sources(manual_dir: str, data_dir: str) -> tuple[dict[str, Sequence[dict]], CubSourceInfo]:
+def load_cub_sources(
+    manual_dir: str, data_dir: str, *, max_image_pixels: int | None = None
+) -> tuple[dict[str, Sequence[dict]], CubSourceInfo]:
     """Builds the folder into `data_dir` on first use (reused afterwards) and opens random-access sources.
 
     Each source element is a dict: image uint8 [H,W,3] (decoded with PIL), label int64 in 0..C-1,
     class_id, image_id, file_name (bytes). Pass workdir/tfds or $TFDS_DATA_DIR as data_dir.
+    `max_image_pixels`: images with more pixels are skipped as "too large"; None means Pillow's
+    decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million). Raise it to keep large
+    photos deliberately; a raised limit is a build of its own.
     """
     builder = CubFolder(
-        config=CubFolderConfig.from_folder(manual_dir), data_dir=data_dir, file_format="array_record"
+        config=CubFolderConfig.from_folder(manual_dir, max_image_pixels), data_dir=data_dir,
+        file_format="array_record",
     )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
@@ -311,5 +518,11 @@ def load_cub_sources(manual_dir: str, data_dir: str) -> tuple[dict[str, Sequence
         split_sizes=split_sizes,
         skipped_files={split: tuple(info.metadata.get(f"skipped_{split}", ())) for split in SPLITS},
         builder_dir=os.fspath(builder.data_dir),
+        skipped_by_reason={split: _by_reason(info.metadata, split) for split in SPLITS},
     )
     return {split: builder.as_data_source(split) for split in SPLITS}, info_out
+
+
+def _by_reason(metadata: Mapping, split: str) -> dict[str, tuple[str, ...]]:
+    """{reason: file names} skipped from `split`, as recorded in the build's metadata ({} for old builds)."""
+    return {reason: tuple(names) for reason, names in metadata.get(f"skipped_{split}_by_reason", {}).items()}

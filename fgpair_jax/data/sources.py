@@ -1,7 +1,7 @@
 """Which data set `config.data.name` means, and where its built TFDS copy lives.
 
 Register another fine-grained data set (Stanford Cars, FGVC-Aircraft) by adding a loader with the
-signature of `cub.load_cub_sources` to `LOADERS`.
+signature of `cub.load_cub_sources` (manual_dir, data_dir, *, max_image_pixels) to `LOADERS`.
 """
 import os
 
@@ -30,7 +30,8 @@ def load_sources(config, workdir: str):
     """
     check_name(config.data.name)
     splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
-    sources, info = LOADERS[config.data.name](config.data.manual_dir, resolve_data_dir(config, workdir))
+    sources, info = LOADERS[config.data.name](config.data.manual_dir, resolve_data_dir(config, workdir),
+                                              max_image_pixels=config.data.max_image_pixels)
     if config.data.eval_split == "val":
         sources, info = splits.with_validation_as_eval(sources, info, config.data.val_fraction)
     return sources, info

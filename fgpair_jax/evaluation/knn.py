@@ -3,6 +3,11 @@
 Cheap enough to run during training: no fitting, one similarity matrix per block of test queries.
 Each of the k most cosine-similar train images votes for its label with weight exp(similarity / T);
 the class with the largest summed vote wins. T sharpens the vote towards the closest neighbours.
+
+Numerics: the weights are computed as exp((similarity - s_max) / T), s_max being the query's largest
+similarity. That scales every class's vote of one query by the same exp(-s_max / T), so the winner is
+unchanged, but no weight exceeds 1: exp(similarity / T) itself overflows float32 once similarity / T > 88
+(T = 0.01 with a near-duplicate neighbour), and the inf/NaN votes made every prediction class 0.
 """
 import functools
 
@@ -16,10 +21,11 @@ from fgpair_jax.evaluation.retrieval import (check_features_and_labels, check_tr
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
 def _predict_block(test_features, train_features, train_labels, temperature, *, k, num_classes):
-    """Predicted class per test row. Ties: top_k keeps the lower train index; argmax the lower class."""
+    """Predicted class (integer [B]) per test row of float32 [B, d]. Ties: top_k keeps the lower train
+    index; argmax the lower class. Weights are max-subtracted (module docstring): in [0, 1], 1 for the nearest."""
     similarities = cosine_similarities(test_features, train_features)
-    top_similarities, top_indices = jax.lax.top_k(similarities, k)
-    weights = jnp.exp(top_similarities / temperature)
+    top_similarities, top_indices = jax.lax.top_k(similarities, k)  # sorted: column 0 is the largest
+    weights = jnp.exp((top_similarities - top_similarities[:, :1]) / temperature)
     votes = jnp.einsum("bk,bkc->bc", weights, jax.nn.one_hot(train_labels[top_indices], num_classes))
     return jnp.argmax(votes, axis=1)
 
