@@ -39,6 +39,7 @@ KEYS_ADDED_SINCE = {
     "model.frozen_stages": 0,
     "model.depthwise_impl": "auto",
     "fgpair.pair_mode": "decoded",
+    "fgpair.decode_from": "pooled",
     "data.max_image_pixels": None,
     "fgpair.log_gradient_share": False,
 }

@@ -58,12 +58,14 @@ def perturb(rng: jax.Array, pooled: jax.Array, mask: jax.Array, mode: str = "gau
             sigma: float = 1.0) -> jax.Array:
     """h' = h on unmasked dimensions (bit-identical); masked dimensions are perturbed.
 
-    'gaussian': h_d + eps_d with eps_d ~ N(0, (sigma * std_d)^2), std_d the batch std of dimension d,
-                so every dimension is disturbed on its own scale.
+    `pooled`: [B, D] vectors, or [B, h, w, D] feature maps (then a masked channel is perturbed at every
+    position); `mask`: [D] in {0, 1}.
+    'gaussian': h_d + eps_d with eps_d ~ N(0, (sigma * std_d)^2), std_d the std of dimension d over the
+                batch (and positions), so every dimension is disturbed on its own scale.
     'shuffle':  h_d taken from another image of the batch (a random permutation).
     """
     if mode == "gaussian":
-        std = jnp.std(pooled, axis=0, keepdims=True)
+        std = jnp.std(pooled, axis=tuple(range(pooled.ndim - 1)), keepdims=True)
         perturbed = pooled + sigma * std * jax.random.normal(rng, pooled.shape, pooled.dtype)
     elif mode == "shuffle":
         perturbed = pooled[jax.random.permutation(rng, pooled.shape[0])]

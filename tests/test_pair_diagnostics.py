@@ -80,3 +80,32 @@ def test_linear_probe_says_when_its_choice_is_at_the_grid_edge():
     assert one["at_grid_edge"] is False  # a grid of one value has no edge to widen
     probe = linear_probe(features, labels, features, labels, weight_decays=(1e-4, 1e-2, 1.0))
     assert probe["at_grid_edge"] == (probe["weight_decay"] in (1e-4, 1.0))
+
+
+@pytest.mark.parametrize("side,size", [(4, 112), (1, 32), (7, 224)])
+def test_spatial_decoder_renders_any_map_at_the_image_size(side, size):
+    from fgpair_jax.models.decoder import SpatialDecoder
+
+    decoder = SpatialDecoder(image_size=size, channels=(16, 8))
+    feature_map = jnp.ones((2, side, side, 12))
+    params = decoder.init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))  # parameters do not depend on h, w
+    assert decoder.apply(params, feature_map).shape == (2, size, size, 3)
+
+
+def test_spatial_pairs_perturb_masked_channels_at_every_position():
+    from fgpair_jax import synthesis
+
+    feature_map = jax.random.normal(jax.random.key(0), (4, 3, 3, 6))
+    mask = jnp.array([1, 0, 0, 1, 0, 0], jnp.float32)
+    perturbed = synthesis.perturb(jax.random.key(1), feature_map, mask, "gaussian", 1.0)
+    changed = np.asarray(perturbed != feature_map)
+    assert changed[..., [0, 3]].all() and not changed[..., [1, 2, 4, 5]].any()
+    config = tiny_config(method="fgpair", **{"fgpair.decode_from": "feature_map", "fgpair.pair_mode": "residual"})
+    from fgpair_jax import optim, state as state_lib
+
+    state = state_lib.create_train_state(config, jax.random.key(0), optim.make_optimizer(config, 2), 16)
+    arrays = fgpair.figure_arrays(state, jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), jax.random.key(2),
+                                  config)
+    assert arrays["pair_a"].shape == arrays["pair_b"].shape == (8, 32, 32, 3)
+    assert arrays["pair_titles"] == ("x_a = x", "x_b = x + d(h') - d(h)")
+    assert set(arrays["diagnostics"]) == {"pair_contrast", "pair_feature_distance"}

@@ -31,7 +31,7 @@ def save_as_torch_checkpoint(encoder_variables: dict, path: str) -> None:
         for keys, value in jax.tree_util.tree_flatten_with_path(encoder_variables[collection])[0]:
             *path_keys, leaf = [k.key for k in keys]
             names = [modules.get(k, k.replace("_", ".") if k.startswith("layer") else k) for k in path_keys]
-            value = np.asarray(value)
+            value = np.array(value)  # a writable copy: torch.from_numpy needs one
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value  # HWIO -> OIHW
             state[".".join(names + [leaves[leaf]])] = torch.from_numpy(np.ascontiguousarray(value))
     torch.save(state, path)
@@ -91,7 +91,7 @@ def test_validation_names_the_key(key, value, named):
 def test_every_shipped_config_validates():
     from configs import cub, cub_ablations
 
-    for config in (cub.get_config(), cub.get_config("quick"), cub.get_config("tiny"),
+    for config in (cub.get_config(), cub.get_config("quick"), cub.get_config("medium"), cub.get_config("tiny"),
                    cub_ablations.get_config("random,quick")):
         run_config.validate(config)
 

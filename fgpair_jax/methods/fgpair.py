@@ -24,7 +24,7 @@ from fgpair_jax import contrastive, gradcam, synthesis
 from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import moco
 from fgpair_jax.models import feature_dim
-from fgpair_jax.models.decoder import Decoder
+from fgpair_jax.models.decoder import Decoder, SpatialDecoder
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
 eval_features = moco.eval_features
@@ -39,15 +39,27 @@ PAIR_MODES = {
 }
 
 
-def decoder(config) -> Decoder:
-    return Decoder(image_size=config.data.image_size, channels=tuple(config.fgpair.decoder_channels))
+DECODE_FROM = ("pooled", "feature_map")  # what the decoder renders: h [B, D], or the map A [B, h, w, D]
+
+
+def decoder(config):
+    """The decoder of `fgpair.decode_from`: `Decoder` (pooled vector) or `SpatialDecoder` (feature map)."""
+    module = SpatialDecoder if config.fgpair.decode_from == "feature_map" else Decoder
+    return module(image_size=config.data.image_size, channels=tuple(config.fgpair.decoder_channels))
+
+
+def decoder_input(query, config) -> jax.Array:
+    """What the decoder renders of the query embedding: h [B, D] or the last feature map [B, h, w, D]."""
+    return query.feature_map if config.fgpair.decode_from == "feature_map" else query.pooled
 
 
 def init_variables(rng: jax.Array, config) -> dict:
     """MoCo's encoder + head, plus the decoder's parameters under params['decoder']."""
     moco_rng, decoder_rng = jax.random.split(rng)
     variables = moco.init_variables(moco_rng, config)
-    decoder_params = decoder(config).init(decoder_rng, jnp.zeros((1, feature_dim(config.model))))["params"]
+    dim = feature_dim(config.model)
+    sample = jnp.zeros((1, 2, 2, dim) if config.fgpair.decode_from == "feature_map" else (1, dim))
+    decoder_params = decoder(config).init(decoder_rng, sample)["params"]
     variables["params"]["decoder"] = decoder_params
     return variables
 
@@ -127,10 +139,12 @@ def nondiscriminative_mask(rng, importance, variance, config) -> jax.Array:
     raise ValueError(f"config.fgpair.criterion={c.criterion!r}: use one of {synthesis.CRITERIA}.")
 
 
-def synthesize_pair(params, pooled, mask, rng, config):
-    """(d(h) with decoder gradient, sg(d(h')))  — the reconstruction and the perturbed rendering."""
-    h = pooled if config.fgpair.reconstruction_trains_encoder else jax.lax.stop_gradient(pooled)
-    perturbed = synthesis.perturb(rng, jax.lax.stop_gradient(pooled), mask, config.fgpair.perturbation,
+def synthesize_pair(params, features, mask, rng, config):
+    """(d(h) with decoder gradient, sg(d(h'))): the reconstruction and the perturbed rendering of
+    `features` ([b, D] pooled or [b, h, w, D] map, `decoder_input`), masked channels perturbed (at every
+    position of a map)."""
+    h = features if config.fgpair.reconstruction_trains_encoder else jax.lax.stop_gradient(features)
+    perturbed = synthesis.perturb(rng, jax.lax.stop_gradient(features), mask, config.fgpair.perturbation,
                                   config.fgpair.sigma)
     render = decoder(config).apply
     reconstruction = render({"params": params["decoder"]}, h)
@@ -187,7 +201,8 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
 
     stride = config.fgpair.pair_stride  # every stride-th image gets a pair (spread over all devices)
     real = view1[::stride]
-    reconstruction, rendered_perturbed = synthesize_pair(params, query.pooled[::stride], mask, perturb_rng, config)
+    reconstruction, rendered_perturbed = synthesize_pair(params, decoder_input(query, config)[::stride], mask,
+                                                         perturb_rng, config)
     loss_r = jnp.mean(jnp.square(reconstruction - jax.lax.stop_gradient(real)))
     image_a, image_b = pair_images(reconstruction, rendered_perturbed, real, config)
 
@@ -228,7 +243,8 @@ def figure_arrays(state, images, rng, config) -> dict:
     batch_variance = synthesis.feature_variance(query.pooled, relative=config.fgpair.relative_variance)
     mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.extras, batch_variance, config),
                                   config)
-    reconstruction, rendered_perturbed = synthesize_pair(state.params, query.pooled, mask, perturb_rng, config)
+    reconstruction, rendered_perturbed = synthesize_pair(state.params, decoder_input(query, config), mask,
+                                                         perturb_rng, config)
     pair_a, pair_b = pair_images(reconstruction, rendered_perturbed, images, config)
     out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask}))
     out["pair_titles"] = PAIR_MODES[config.fgpair.pair_mode]
@@ -255,7 +271,7 @@ def validate(config) -> None:
     """`ConfigError` for fgpair knobs out of range (MoCo's are checked too)."""
     moco.validate(config)
     c = config.fgpair
-    choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS, "pair_mode": tuple(PAIR_MODES),
+    choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS, "pair_mode": tuple(PAIR_MODES), "decode_from": DECODE_FROM,
                "perturbation": synthesis.PERTURBATIONS, "gradcam_score": gradcam.IMPORTANCE_SCORES,
                "decoder_optimizer": DECODER_OPTIMIZERS}
     for key, allowed in choices.items():

@@ -61,3 +61,33 @@ class Decoder(nn.Module):
             x = nn.relu(nn.GroupNorm(num_groups=min(8, width), name=f"up{i}_norm")(x))
         detail = nn.Conv(3, (3, 3), name="to_rgb")(x)
         return (coarse + detail).astype(jnp.float32)
+
+
+class SpatialDecoder(nn.Module):
+    """Feature map [B, h, w, D] -> image [B, S, S, 3] (`fgpair.decode_from = "feature_map"`).
+
+    Why: decoded from the pooled vector, the image has no layout to keep, so every rendering is a soft
+    colour field; decoded from the map, the decoder sees where each channel fires. The map is resized to
+    ceil(S / 32) (an encoder's stride-32 grid), then LayerNorm over channels, a 1x1 projection,
+    (nearest x2, 3x3 conv, GroupNorm, ReLU) blocks while doubling stays within S, a bilinear resize to S
+    and a 3x3 conv to RGB. Any h, w: neither the parameters nor the blocks depend on them.
+    """
+
+    image_size: int
+    channels: Sequence[int] = (128, 64, 32, 16)
+
+    @nn.compact
+    def __call__(self, feature_map: jax.Array) -> jax.Array:
+        batch, start = feature_map.shape[0], -(-self.image_size // 32)
+        x = jax.image.resize(feature_map, (batch, start, start, feature_map.shape[3]), "bilinear")
+        x = nn.LayerNorm(name="input_norm")(x)
+        x = nn.relu(nn.Conv(self.channels[0], (1, 1), name="project")(x))
+        block = 0
+        while x.shape[1] * 2 <= self.image_size:
+            width = self.channels[min(block, len(self.channels) - 1)]
+            x = jax.image.resize(x, (batch, x.shape[1] * 2, x.shape[2] * 2, x.shape[3]), "nearest")
+            x = nn.Conv(width, (3, 3), use_bias=False, name=f"up{block}_conv")(x)
+            x = nn.relu(nn.GroupNorm(num_groups=min(8, width), name=f"up{block}_norm")(x))
+            block += 1
+        x = jax.image.resize(x, (batch, self.image_size, self.image_size, x.shape[3]), "bilinear")
+        return nn.Conv(3, (3, 3), name="to_rgb")(x).astype(jnp.float32)
