@@ -67,7 +67,9 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from fgpair_jax import optim, parallel, state as state_lib, step as step_lib, train
+from fgpair_jax import parallel, run, run_config, state as state_lib, step as step_lib, train
+from fgpair_jax.evaluation import HEADLINE_METRICS
+from fgpair_jax.metrics_writer import read_jsonl
 from fgpair_jax.data import pipeline, sources as data_sources, synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cub.py", "Base config (the paper protocol).",
@@ -142,26 +144,14 @@ LITE0_OVERRIDES = {"model.name": "efficientnet_lite0", "model.init": "imagenet",
 # Environment variables that change what the command does; recorded with it (XLA_FLAGS as set by main).
 RECORDED_ENVIRONMENT = ("JAX_PLATFORMS", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "FGPAIR_CUB_DIR", "TFDS_DATA_DIR",
                         "CUDA_VISIBLE_DEVICES")
-HEADLINE_METRICS = ("linear_top1", "retrieval_rank1", "retrieval_rank5", "retrieval_map", "knn_top1")
 
 
 # ----------------------------------------------------------------------------- config and report helpers
 
 
-def set_dotted(config, overrides: dict):
-    """Apply {"a.b": value} overrides in place; returns `config`."""
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
 def derive(config, **overrides):
     """A resolved copy of `config` with dotted overrides (keyword names use '__' for '.')."""
-    return set_dotted(config.copy_and_resolve_references(), {k.replace("__", "."): v for k, v in overrides.items()})
+    return run_config.override(config, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def is_checkpoint_path(init: str) -> bool:
@@ -326,11 +316,6 @@ def measure_pipeline(source, *, batch_size: int, image_size: int, workers: int, 
 # ----------------------------------------------------------------------------- the step
 
 
-def abstract_state(config, tx, queue_size: int, mesh):
-    """ShapeDtypeStructs of the train state, replicated: what the step compiles against, no weights made."""
-    shapes = jax.eval_shape(lambda key: state_lib.create_train_state(config, key, tx, queue_size), jax.random.key(0))
-    sharding = parallel.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def abstract_batch(config, mesh) -> dict:
@@ -343,17 +328,19 @@ def abstract_batch(config, mesh) -> dict:
     return {"view1": view, "view2": view, "label": vector, "index": vector}
 
 
-def compile_step(config, steps_per_epoch: int, queue_size: int, mesh):
-    """(tx, compiled step, record): AOT-lowers and compiles `make_train_step` against abstract arguments.
+def compile_step(config, num_train: int, mesh):
+    """(tx, compiled step, record): AOT-lowers and compiles `make_train_step` of a run of `config` on
+    `num_train` images against abstract arguments (`run.plan`'s restore template: no weights made).
 
     The record holds lower/compile seconds, XLA's FLOPs of one step (per device), the number of `while`
     loops in the program (cost analysis counts a loop body once, so 0 means nothing is undercounted) and
     the compiled program's memory analysis in bytes.
     """
-    tx = optim.make_optimizer(config, steps_per_epoch)
-    step_fn = step_lib.make_train_step(config, tx, mesh, steps_per_epoch)
+    run_plan = run.plan(config, num_train, mesh)
+    tx = run_plan.tx
+    step_fn = step_lib.make_train_step(config, tx, mesh, run_plan.steps_per_epoch)
     start = time.perf_counter()
-    lowered = step_fn.lower(abstract_state(config, tx, queue_size, mesh), abstract_batch(config, mesh))
+    lowered = step_fn.lower(run_plan.abstract_state, abstract_batch(config, mesh))
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -365,7 +352,7 @@ def compile_step(config, steps_per_epoch: int, queue_size: int, mesh):
     record = {
         "method": config.method, "model": config.model.name, "dtype": config.model.dtype,
         "image_size": config.data.image_size, "global_batch_size": config.global_batch_size,
-        "queue_size": queue_size, "lower_seconds": lower_seconds, "compile_seconds": compile_seconds,
+        "queue_size": run_plan.queue_size, "steps_per_epoch": run_plan.steps_per_epoch, "lower_seconds": lower_seconds, "compile_seconds": compile_seconds,
         "flops_per_step_per_device": flops,
         "flops_per_image": flops * jax.device_count() / config.global_batch_size if flops else None,
         "while_loops": while_loops(lowered.as_text(), compiled.as_text()),
@@ -476,9 +463,8 @@ def cpu_flops_per_image(method: str, pair_stride: int):
 def benchmark_step(config, num_train: int, mesh, environment_record: dict) -> dict:
     """Compile + time one (method, batch) of `config`; the step program is the one a run of `config`
     on `num_train` images compiles (same schedule, queue and shapes)."""
-    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
+    tx, compiled, record = compile_step(config, num_train, mesh)
     queue_size = state_lib.resolve_queue_size(config, num_train)
-    tx, compiled, record = compile_step(config, steps_per_epoch, queue_size, mesh)
     record.update(time_step(config, tx, compiled, queue_size, mesh, _WARMUP_STEPS.value, _TIMED_STEPS.value))
     peak = environment_record["bf16_dense_peak_flops_per_device"]
     record["mfu"] = mfu(record["flops_per_step_per_device"], record["seconds_per_step"], peak)
@@ -501,15 +487,6 @@ def scale_pair_schedule(config, epochs: int):
                   fgpair__ramp_epochs=config.fgpair.ramp_epochs * share)
 
 
-def read_metrics_jsonl(path: str) -> list:
-    entries = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a killed process
-                continue
-    return entries
 
 
 def loss_summary(workdir: str, steps_per_epoch: int, queue_fill_steps: int) -> dict:
@@ -520,7 +497,7 @@ def loss_summary(workdir: str, steps_per_epoch: int, queue_fill_steps: int) -> d
     steps after the queue first holds only real keys (before that its random negatives are easy and the
     loss reads low) and the last steps. fgpair's total loss adds L_Cp as it ramps in, so it is not used.
     """
-    entries = [e for e in read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in e]
+    entries = [e for e in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in e]
     nonfinite = [e["step"] for e in entries if e.get("finite", 1.0) < 0.5]
     names = sorted(k for k in entries[0] if k.startswith("loss")) if entries else []
     epochs = {}
@@ -716,9 +693,8 @@ def run_paper_table(base, workroot: str, out: str, smoke: bool, report: dict, st
 def probe_rate(config, source, num_train: int, mesh) -> dict:
     """Compile seconds and seconds per step of `config`'s step fed by the real input pipeline (with
     `config.data.worker_count` workers), over up to one epoch after warm-up: the rate a run will see."""
-    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
+    tx, compiled, record = compile_step(config, num_train, mesh)
     queue_size = state_lib.resolve_queue_size(config, num_train)
-    tx, compiled, record = compile_step(config, steps_per_epoch, queue_size, mesh)
     state = jax.device_put(state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size),
                            parallel.replicated(mesh))
     dataset = pipeline.train_dataset(source, global_batch_size=config.global_batch_size,
@@ -727,7 +703,7 @@ def probe_rate(config, source, num_train: int, mesh) -> dict:
                                      crop_scale=(config.data.crop_scale_min, 1.0))
     iterator = iter(dataset)
     warmup = max(_WARMUP_STEPS.value, config.data.worker_count + 1)
-    steps = max(4, min(steps_per_epoch, 3 * _TIMED_STEPS.value))
+    steps = max(4, min(record["steps_per_epoch"], 3 * _TIMED_STEPS.value))
     for _ in range(warmup):
         state, metrics = compiled(state, parallel.global_batch(next(iterator), mesh))
     jax.block_until_ready((state, metrics))
@@ -757,9 +733,7 @@ def run_flops(base, out: str, report: dict) -> dict:
     num_train = _NUM_TRAIN.value
 
     def measure(config):
-        steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
-        queue_size = state_lib.resolve_queue_size(config, num_train)
-        _, compiled, record = compile_step(config, steps_per_epoch, queue_size, mesh)
+        _, compiled, record = compile_step(config, num_train, mesh)
         del compiled
         say(f"flops: {config.method} batch {config.global_batch_size}"
             f"{' pair_stride %d' % config.fgpair.pair_stride if config.method == 'fgpair' else ''}: "
@@ -813,7 +787,7 @@ def main(argv):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CPU_COMPILE_XLA_FLAGS}".strip()
     script_overrides = dict(SMOKE_OVERRIDES) if smoke else (
         {} if _FLOPS_ONLY.value or jax.default_backend() == "cpu" else dict(ACCELERATOR_OVERRIDES))
-    base = set_dotted(_CONFIG.value.copy_and_resolve_references(), script_overrides)
+    base = run_config.override(_CONFIG.value, script_overrides)
     mode = "flops_only" if _FLOPS_ONLY.value else "paper_table" if _PAPER_TABLE.value else "check"
     report = {"benchmark": "gpu_check", "mode": mode, "smoke": smoke, "complete": False,
               **command_record(script_overrides), **environment(),

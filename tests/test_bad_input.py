@@ -197,7 +197,7 @@ def test_a_photo_above_pillows_pixel_limit_is_too_large_and_kept_when_allowed(tm
     first = next(sources["train"][i] for i in range(18) if sources["train"][i]["image_id"] == 1)
     height, width, _ = first["image"].shape  # decoded by Pillow with its (patched) limit, as a reader would
     assert height == width and 3900 <= height * width <= 4000
-    assert any(f"stored 1 images downscaled to 4000 pixels" in m and FIRST in m for m in caplog.messages)
+    assert any("stored 1 images downscaled to 4000 pixels" in m and FIRST in m for m in caplog.messages)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, "big", True])
