@@ -42,7 +42,7 @@ available offline, unless `--config.model.init` names a checkpoint: then the con
 The JSON names the encoder and its start.
 
 `--smoke` runs the same functions on CPU at tiny sizes (`SMOKE_OVERRIDES`: an 8-channel ResNet at
-32 px, batch 8, float32 because a bfloat16 CPU compile takes minutes, 20 epochs of 6 steps) on a
+32 px, batch 8, float32 because a bfloat16 CPU compile takes minutes, 10 epochs of 12 steps) on a
 synthetic CUB-layout folder (`write_smoke_cub`), always, even where the shared subset exists: the
 subset's epoch at batch 8 is 375 steps and its evaluation decodes 5,900 JPEGs, more than CI's time
 allows, and CI must not depend on data it may lack. The JSON says which data every number is from.
@@ -118,7 +118,7 @@ BF16_DENSE_PEAK_FLOPS = (
 
 # --smoke: the paper config shrunk to seconds on CPU (cf. configs/cub.py:tiny and tests/conftest.py).
 # Large crops, softer colour jitter and a larger learning rate let an 8-channel net's contrastive loss
-# fall on `write_smoke_cub`'s images: measured over 120 steps (20 epochs) 2.74 -> 2.08, while over 60
+# fall on `write_smoke_cub`'s images: measured over 120 steps (10 epochs of 12) 2.74 -> 2.08, while over 60
 # steps it fell 0.25, within the epoch-to-epoch noise, and with MoCo's 0.2-1 crops not at all. The
 # check's training run lasts num_epochs, so it and the paper-table rehearsal run the very step programs
 # that the step benchmark compiled (compilation-cache reads).
@@ -567,10 +567,10 @@ def run_check(base, workroot: str, out: str, smoke: bool, report: dict) -> dict:
     # The training run's config; the benchmarked steps are this config per (method, batch), so the batch
     # size's fgpair program is the one the training run compiles (a cache read there).
     epochs = _TRAIN_EPOCHS.value or (config.num_epochs if smoke else 5)
-    run_config = scale_pair_schedule(config, epochs)
-    if not is_checkpoint_path(run_config.model.init):
-        run_config = derive(run_config, model__init="none")
-    run_config = derive(run_config, method="fgpair", log_every_steps=1, on_nonfinite="skip",
+    train_config = scale_pair_schedule(config, epochs)
+    if not is_checkpoint_path(train_config.model.init):
+        train_config = derive(train_config, model__init="none")
+    train_config = derive(train_config, method="fgpair", log_every_steps=1, on_nonfinite="skip",
                         eval__knn_every_epochs=0, data__worker_count=training_workers(smoke))
     batch_sizes = [int(b) for b in _BATCH_SIZES.value] if _BATCH_SIZES.value else (
         list(SMOKE_BATCH_SIZES) if smoke else [128, 256])
@@ -589,7 +589,7 @@ def run_check(base, workroot: str, out: str, smoke: bool, report: dict) -> dict:
                 continue
             say(f"step: {method} at global batch {batch} ...")
             start = time.perf_counter()
-            record = benchmark_step(derive(run_config, method=method, global_batch_size=batch), num_train, mesh, report)
+            record = benchmark_step(derive(train_config, method=method, global_batch_size=batch), num_train, mesh, report)
             bench_wall[method] = record["wall_seconds"] = time.perf_counter() - start
             report["steps"].setdefault(method, {})[str(batch)] = record
             moco = report["steps"].get("moco", {}).get(str(batch), {})
@@ -606,9 +606,9 @@ def run_check(base, workroot: str, out: str, smoke: bool, report: dict) -> dict:
     if time.perf_counter() - _STARTED > deadline:
         report["training_run"] = {"skipped": "past --deadline_minutes"}
     else:
-        say(f"training run: fgpair, {run_config.model.name} (init {run_config.model.init}), "
-            f"{run_config.num_epochs} epochs ...")
-        record = training_run(run_config, os.path.join(workroot, "train_check_fgpair"), num_train)
+        say(f"training run: fgpair, {train_config.model.name} (init {train_config.model.init}), "
+            f"{train_config.num_epochs} epochs ...")
+        record = training_run(train_config, os.path.join(workroot, "train_check_fgpair"), num_train)
         record["device_memory_after"] = device_memory()
         report["training_run"] = record
         log = record.get("log", {})
@@ -678,9 +678,9 @@ def run_paper_table(base, workroot: str, out: str, smoke: bool, report: dict, st
 
     report["methods"] = {}
     for method in ("moco", "fgpair"):
-        run_config = scale_pair_schedule(derive(config, method=method), epochs)
+        train_config = scale_pair_schedule(derive(config, method=method), epochs)
         say(f"run: {method}, {epochs} epochs ...")
-        report["methods"][method] = training_run(run_config, os.path.join(workroot, method), num_train)
+        report["methods"][method] = training_run(train_config, os.path.join(workroot, method), num_train)
         say(f"run: {method}: {report['methods'][method]['wall_seconds']:.0f} s, "
             f"{report['methods'][method]['metrics']}")
         write_json(out, report)

@@ -146,6 +146,17 @@ def write_failure_cause(error: BaseException) -> str:
     return text[:200] or type(error).__name__
 
 
+# Reasons a read failure means the files are damaged (cut short, missing, unparsable), as tensorstore and
+# orbax word them; any other failure (a storage hiccup, out of memory) may pass, so it moves nothing.
+DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT", "No such file", "Expecting value",
+                  "JSONDecodeError", "Unterminated string", "truncated", "corrupt")
+
+
+def looks_damaged(cause: str) -> bool:
+    """Whether a restore's failure `cause` (`read_failure_cause`) says the checkpoint's files are damaged."""
+    return any(marker in cause for marker in DAMAGE_MARKERS)
+
+
 def read_failure_cause(error: BaseException) -> str:
     """The innermost error of a failed restore, in at most 300 characters. orbax wraps tensorstore's short
     reason (e.g. 'OUT_OF_RANGE: Error reading "w/0" ...') in a message that prints the whole store spec."""
@@ -188,7 +199,7 @@ class Checkpointer:
                 "(the existing checkpoint was left untouched)."
             )
 
-    def restore(self, template_state, step: Optional[int] = None):
+    def restore(self, template_state, step: Optional[int] = None, *, set_aside: bool = True):
         """The state saved at `step`, laid out like `template_state` (shapes, dtypes, shardings).
 
         Default step: the newest that restores completely (state, data position and fingerprint). Newer
@@ -198,7 +209,7 @@ class Checkpointer:
         `CheckpointReadError` when nothing (or not the `step` asked for) restores; the disk is then untouched.
         """
         if step is None:
-            step, state = self._restore_newest_intact(template_state)
+            step, state = self._restore_newest_intact(template_state, set_aside)
         else:
             state = self._restore_one(step, template_state)
         self.restored_step = step
@@ -234,8 +245,10 @@ class Checkpointer:
         items = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
         return self.manager.restore(step, args=items)["state"]
 
-    def _restore_newest_intact(self, template_state):
-        """(step, state) of the newest step that restores completely; newer damaged ones are set aside."""
+    def _restore_newest_intact(self, template_state, set_aside: bool = True):
+        """(step, state) of the newest step that restores completely; newer damaged ones are set aside
+        (`set_aside`; evaluation only reads) and skipped. A failure that does not look like damage
+        (`looks_damaged`) is raised at once: a storage hiccup must not move a good checkpoint away."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointReadError(f"No checkpoint in {self.directory}.")
@@ -244,9 +257,16 @@ class Checkpointer:
             try:
                 state = self._restore_one(step, template_state)
             except CheckpointReadError as error:
+                if not looks_damaged(error.cause):
+                    raise CheckpointReadError(f"{error} Nothing was moved; if the storage is at fault, rerun.",
+                                              cause=error.cause) from None
                 damaged[step] = error.cause
                 continue
-            self._set_aside(damaged, step)
+            if set_aside:
+                self._set_aside(damaged, step)
+            else:
+                for skipped, cause in sorted(damaged.items(), reverse=True):
+                    announce(f"Skipped checkpoint step {skipped}: it does not restore ({cause}); read step {step}.")
             return step, state
         raise CheckpointReadError(
             f"No checkpoint in {self.directory} restores (tried step(s) {', '.join(map(str, steps))}; newest: "
@@ -305,6 +325,8 @@ class Checkpointer:
         try:
             yield
         except (OSError, ValueError, RuntimeError) as error:
+            if not isinstance(error, OSError) and write_failure_cause(error) not in _KNOWN_WRITE_FAILURES:
+                raise  # not the storage: a bug keeps its traceback
             intact = self._finished_steps()
             resume = f"step {intact[-1]} is intact and resumable" if intact else "no earlier checkpoint exists"
             raise CheckpointWriteError(

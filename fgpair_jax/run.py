@@ -78,11 +78,13 @@ def fresh_state(config, workdir: str, run_plan: RunPlan, mesh) -> state_lib.Trai
 
 def restore_or_start(config, workdir: str, run_plan: RunPlan, mesh,
                      checkpointer: checkpointing.Checkpointer) -> Tuple[state_lib.TrainState, Optional[dict]]:
-    """(state, data iterator state) of the latest checkpoint, or (`fresh_state`, None) when there is none.
+    """(state, data iterator state) of the newest checkpoint that restores, or (`fresh_state`, None) when
+    there is none. Damaged newer steps are skipped and set aside (`Checkpointer.restore`).
 
     Raises `ConfigError` (one line, nothing on disk touched) when the checkpoint was written by another
     config: another model or method, other shapes, or another value of a key that defines training
-    (`run_config.training_fingerprint`: epochs, batch, learning rate, ...)."""
+    (`run_config.training_fingerprint`: epochs, batch, learning rate, ...); `CheckpointReadError` when
+    no checkpoint restores."""
     if checkpointer.latest_step() is None:
         return fresh_state(config, workdir, run_plan, mesh), None
     state = checkpointer.restore(run_plan.abstract_state)  # walks back past damaged steps
@@ -97,6 +99,6 @@ def restore_latest(config, workdir: str, num_train_examples: int, mesh) -> state
         if checkpointer.latest_step() is None:
             raise MissingFileError(f"No checkpoint in {checkpointer.directory}: train first with "
                                    "`python -m fgpair_jax.main`.")
-        return checkpointer.restore(run_plan.abstract_state)
+        return checkpointer.restore(run_plan.abstract_state, set_aside=False)  # evaluation moves no file
     finally:
         checkpointer.close()

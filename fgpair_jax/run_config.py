@@ -21,7 +21,8 @@ from fgpair_jax.data import cub, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import get_method
-from fgpair_jax.models import compute_dtype, frozen_modules
+from fgpair_jax.models import check_init, compute_dtype, frozen_modules
+from fgpair_jax.models.efficientnet_lite import DEPTHWISE_IMPLS
 
 CONFIG_FILE = "config.json"
 
@@ -47,7 +48,8 @@ KEYS_ADDED_SINCE = {
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an
 # op is implemented (same numbers). Every other key defines what trains and must stay as it was.
 MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
-                        "data.manual_dir", "data.data_dir", "model.depthwise_impl", "fgpair.log_gradient_share")
+                        "data.manual_dir", "data.data_dir", "data.eval_crop_fraction", "model.depthwise_impl",
+                        "fgpair.log_gradient_share")
 
 
 def override(config: ml_collections.ConfigDict, dotted: Dict[str, Any]) -> ml_collections.ConfigDict:
@@ -87,7 +89,8 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy with `data.manual_dir` and `data.data_dir` absolute (a run may be evaluated from elsewhere)."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.data.manual_dir = os.path.abspath(config.data.manual_dir)
+        if config.data.manual_dir:  # '' stays '': "does not exist" names it, not the working directory
+            config.data.manual_dir = os.path.abspath(config.data.manual_dir)
         if config.data.data_dir:
             config.data.data_dir = os.path.abspath(config.data.data_dir)
     return config
@@ -120,9 +123,13 @@ def training_fingerprint(config) -> Dict[str, Any]:
 def describe_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
     """The first training key whose value differs between two `training_fingerprint`s, in words.
 
-    Keys only one side has are skipped: a checkpoint written before a key existed ran with the value
-    `KEYS_ADDED_SINCE` gives it, which `migrate` already put into `now` when the config came from disk.
+    A checkpoint written before a key existed ran with the value `KEYS_ADDED_SINCE` gives it, so that
+    value stands in for it; an empty `saved` (checkpoints from before training configs were recorded)
+    compares nothing. Keys only `saved` has (since removed) are skipped.
     """
+    if saved:
+        added = json.loads(json.dumps(KEYS_ADDED_SINCE))  # as JSON gives values back: tuples become lists
+        saved = {**{key: value for key, value in added.items() if key in now}, **saved}
     for key in sorted(set(saved) & set(now)):
         if saved[key] != now[key]:
             return (f"config.{key} is {saved[key]!r} in the checkpoint but {now[key]!r} now (a resumed run keeps "
@@ -143,7 +150,13 @@ def validate(config) -> None:
     """
     get_method(config.method).validate(config)
     compute_dtype(config.model)
-    frozen_modules(config.model)  # the encoder name, and frozen_stages where the encoder has none
+    frozen_modules(config.model)  # the encoder name, and frozen_stages out of its range
+    check_init(config.model.init, config.model)
+    _check(config.model.depthwise_impl in DEPTHWISE_IMPLS,
+           f"config.model.depthwise_impl={config.model.depthwise_impl!r}: use one of {DEPTHWISE_IMPLS}.")
+    _check(config.model.bn_groups >= 1 and config.global_batch_size % config.model.bn_groups == 0,
+           f"config.model.bn_groups={config.model.bn_groups} must divide config.global_batch_size="
+           f"{config.global_batch_size} (each batch-norm group normalises its own slice).")
     data_sources.check_name(config.data.name)
     splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
     numerics.check_policy(config.on_nonfinite)

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import evaluate, features, numerics, parallel, preemption, run, run_config, viz
+from fgpair_jax import checkpointing, evaluate, features, numerics, parallel, preemption, run, run_config, viz
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
 from fgpair_jax.evaluation import HEADLINE_METRICS
@@ -70,6 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     run_config.validate(config)
     config = run_config.resolved(config)
+    checkpointing.check_directory(os.path.join(workdir, "checkpoints"))  # before minutes of data building
     parallel.maybe_initialize_distributed()
     announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
              f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}")
@@ -79,7 +80,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     sources, info = data_sources.load_sources(config, workdir)
     run_plan = run.plan(config, info.split_sizes["train"], mesh)
     checkpointer = run.open_checkpoints(config, workdir, run_plan)
-    state, data_state = run.restore_or_start(config, workdir, run_plan, mesh, checkpointer)
+    try:
+        state, data_state = run.restore_or_start(config, workdir, run_plan, mesh, checkpointer)
+    except BaseException:
+        checkpointer.close()
+        raise
     if data_state is not None:
         announce(f"Resumed from step {int(state.step)} in {checkpointer.directory}.")
     run_config.save(config, workdir)

@@ -19,7 +19,8 @@ def test_pair_modes_make_the_pairs_they_name():
     rng = np.random.default_rng(0)
     reconstruction, perturbed, real = (jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32) for _ in range(3))
     a, b = fgpair.pair_images(reconstruction, perturbed, real, tiny_config(method="fgpair"))
-    np.testing.assert_array_equal(a, reconstruction) and np.testing.assert_array_equal(b, perturbed)
+    np.testing.assert_array_equal(a, reconstruction)
+    np.testing.assert_array_equal(b, perturbed)
     a, b = fgpair.pair_images(reconstruction, perturbed, real, tiny_config(**{"fgpair.pair_mode": "residual"}))
     np.testing.assert_array_equal(a, real)
     np.testing.assert_allclose(b - a, perturbed - reconstruction, atol=1e-6)  # exactly the rendered perturbation

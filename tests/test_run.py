@@ -153,7 +153,6 @@ def _package_modules() -> dict:
 def test_the_package_has_no_import_cycle():
     modules = _package_modules()
     graph = {name: {m for m in _imports(path, name) if m in modules} for name, path in modules.items()}
-    # A package's __init__ is imported before its submodules: `a.b` depends on `a` too.
     visiting, done = set(), set()
 
     def visit(name, trail):
@@ -168,6 +167,15 @@ def test_the_package_has_no_import_cycle():
 
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_every_registered_method_implements_the_protocol():
+    from fgpair_jax.methods import Method
+
+    members = [name for name in vars(Method) if not name.startswith("_")] + list(Method.__annotations__)
+    for name, method in METHODS.items():
+        missing = [member for member in members if not hasattr(method, member)]
+        assert not missing, f"method {name!r} lacks {missing}"
 
 
 def test_no_method_is_named_outside_methods():

@@ -158,6 +158,7 @@ def linear_probe(
         "top1": test_top1,
         "val_top1": val_curve[chosen_wd],
         "weight_decay": chosen_wd,
-        "at_grid_edge": len(val_curve) > 1 and chosen_wd in (min(val_curve), max(val_curve)),
+        # 0 is no edge to widen: no weight decay is smaller.
+        "at_grid_edge": len(val_curve) > 1 and chosen_wd in ({min(val_curve)} - {0.0}) | {max(val_curve)},
         "val_curve": val_curve,
     }

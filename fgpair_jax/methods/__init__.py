@@ -29,8 +29,9 @@ class Method(Protocol):
 
     def loss(self, params, state, view1, view2, rng, config, *, epoch) -> Tuple[jax.Array, dict]:
         """(scalar loss, aux): aux holds 'keys' [B, d] to enqueue, 'batch_stats', 'ema_batch_stats',
-        'metrics' (dict of scalars, 'loss' among them) and optionally 'extras'; `epoch` is the
-        fractional training progress (float32 scalar)."""
+        'metrics' (dict of scalars, 'loss' among them) and optionally 'extras' and 'term_gradients'
+        ({term: gradient of that weighted term on some params subtrees}, logged as
+        `grad_share_<term>` by `step.gradient_shares`); `epoch` is the fractional training progress."""
 
     def eval_features(self, params, batch_stats, images, config) -> jax.Array:
         """[B, D] float features of the frozen encoder for normalised [B, S, S, 3] images."""
@@ -39,8 +40,9 @@ class Method(Protocol):
         """Top-level params subtrees trained by an optimiser of their own ({} if none)."""
 
     def figure_arrays(self, state, images, rng, config) -> dict:
-        """numpy arrays the figures show for normalised [B, S, S, 3] images: 'cam' [B, S, S] in [0, 1]
-        and, for a method that synthesizes images, 'pair_a' / 'pair_b' [B, S, S, 3] (normalised)."""
+        """What the figures show for normalised [B, S, S, 3] images: 'cam' [B, S, S] in [0, 1]; a method
+        that synthesizes pairs adds 'pair_a' / 'pair_b' [B, S, S, 3] (normalised), 'pair_titles' (two
+        strings: what each image is) and 'diagnostics' ({name: float}, written to diagnostics.json)."""
 
     def validate(self, config) -> None:
         """Raise `ConfigError` (one line naming the key) for a value of this method's knobs out of range."""

@@ -232,9 +232,11 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
 
 
 def figure_arrays(state, images, rng, config) -> dict:
-    """MoCo's Grad-CAM figure plus the synthesized pair of each image: 'pair_a' = d(h), 'pair_b' =
-    d(h') (normalised [B, S, S, 3]) and the 'mask' [D], chosen exactly as a training step chooses it
-    (the batch is `images`; the variance EMA of the state when the run ranks by it)."""
+    """MoCo's Grad-CAM figure plus the synthesized pair of each image: 'pair_a', 'pair_b' (normalised
+    [B, S, S, 3], made as `fgpair.pair_mode` makes them), 'pair_titles' (what each shows), the 'mask' [D]
+    and 'diagnostics' (`pair_diagnostics`). The mask uses a training step's criteria on `images` as the
+    batch (the state's variance EMA when the run ranks by it), with the frozen encoder's running BN
+    statistics and no augmentation, so it is the figure batch's mask, not a training batch's."""
     mask_rng, perturb_rng = jax.random.split(rng)
     out = moco.figure_arrays(state, images, rng, config)
     query, _ = moco.embed(state.params, state.batch_stats, images, config, train=False)
@@ -287,6 +289,11 @@ def validate(config) -> None:
         raise ConfigError(f"config.fgpair.variance_ema_decay={c.variance_ema_decay} must lie in [0, 1).")
     if c.pair_stride < 1:
         raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} must be >= 1 (1 = every image gets a pair).")
+    pairs = -(-config.global_batch_size // c.pair_stride)
+    if pairs % config.model.bn_groups:
+        raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} leaves {pairs} synthesized images per batch, "
+                          f"which config.model.bn_groups={config.model.bn_groups} batch-norm groups cannot split; "
+                          "choose a stride that keeps a multiple of bn_groups.")
     if c.nu > 0 and 0 < config.num_epochs <= c.warmup_epochs:
         logging.warning("config.fgpair.warmup_epochs=%s >= config.num_epochs=%s: L_Cp never switches on, so this "
                         "run is MoCo plus a decoder; lower fgpair.warmup_epochs or train longer.",

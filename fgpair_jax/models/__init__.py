@@ -104,6 +104,14 @@ def abstract_encoder_variables(model_config):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
 
 
+def check_init(init: str, model_config) -> None:
+    """`ConfigError` for init='imagenet' on an encoder whose record has no ImageNet weights."""
+    if init == IMAGENET and encoder_record(model_config).imagenet_weights is None:
+        have = sorted(name for name, record in ENCODERS.items() if record.imagenet_weights)
+        raise ConfigError(f"init='imagenet' has weights for {have}, not {model_config.name!r}; use "
+                          "config.model.init='none' or the path of a torch checkpoint of that model.")
+
+
 def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> dict:
     """Encoder variables `{"params", "batch_stats"}` for `init` = "imagenet" or a torch checkpoint path.
 
@@ -113,12 +121,8 @@ def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> dict:
     Raises `ConfigError` for "imagenet" on an encoder without ImageNet weights.
     """
     if init == IMAGENET:
-        source = encoder_record(model_config).imagenet_weights
-        if source is None:
-            have = sorted(name for name, record in ENCODERS.items() if record.imagenet_weights)
-            raise ConfigError(f"init='imagenet' has weights for {have}, not {model_config.name!r}; use "
-                              "config.model.init='none' or the path of a torch checkpoint of that model.")
-        path = source()
+        check_init(init, model_config)
+        path = encoder_record(model_config).imagenet_weights()
     else:
         path = init
     variables = pretrained.convert_checkpoint(path, cache_dir)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.models.heads import trunk_outputs
 from fgpair_jax.models.norm import GroupedBatchNorm
 
@@ -52,6 +53,8 @@ DEPTHWISE_IMPLS = ("auto", "shifted", "conv")
 def frozen_module_names(frozen_stages: int, stages=LITE0_STAGES) -> Tuple[str, ...]:
     """Names of the top-level modules that `frozen_stages` freezes: the stem and the blocks of the first
     N stages. The optimiser leaves their parameters untouched (no weight decay, no momentum)."""
+    if not 0 <= frozen_stages <= len(stages):
+        raise ConfigError(f"config.model.frozen_stages={frozen_stages} must lie in [0, {len(stages)}].")
     frozen_blocks = sum(repeats for repeats, *_ in stages[:frozen_stages])
     stem = ("conv_stem", "bn0") if frozen_stages else ()
     return stem + tuple(f"blocks_{i}" for i in range(frozen_blocks))
