@@ -89,6 +89,7 @@ def evaluate_workdir(workdir: str) -> dict:
     """Re-evaluate the latest checkpoint of a run directory into its `eval/` files."""
     config = run_config.load(workdir)
     mesh = parallel.make_mesh()
+    features.announce_eval_batch_size(config)
     sources, info = data_sources.load_sources(config, workdir)
     state = run.restore_latest(config, workdir, info.split_sizes["train"], mesh)
     return evaluate_state(config, workdir, state, sources, info, mesh)

@@ -75,6 +75,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = parallel.make_mesh()
     parallel.check_batch_divisible(config.global_batch_size, mesh)
     _warn_if_sized_for_an_accelerator(config)
+    features.announce_eval_batch_size(config)
     sources, info = data_sources.load_sources(config, workdir)
     run_plan = run.plan(config, info.split_sizes["train"], mesh)
     checkpointer = run.open_checkpoints(config, workdir, run_plan)
