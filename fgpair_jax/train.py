@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import evaluate, features, numerics, parallel, preemption, run, run_config, viz
+from fgpair_jax import distributed, evaluate, features, numerics, parallel, preemption, run, run_config, viz
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
 from fgpair_jax.evaluation import HEADLINE_METRICS
@@ -67,9 +67,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     under another training config is refused in one line. Returns {} without evaluating when the run
     was asked to stop (SIGTERM, preemption) after saving.
     """
-    run_config.validate(config)
+    run_config.validate(config)  # makes no JAX call: the job is joined first
+    distributed.maybe_initialize()
     config = run_config.resolved(config)
-    parallel.maybe_initialize_distributed()
     announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
              f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}")
     mesh = parallel.make_mesh()
