@@ -191,12 +191,20 @@ def maybe_initialize(environ: Optional[Mapping[str, str]] = None) -> None:
     detection = None if job.coordinator_address is None else "deactivate"  # else JAX overrides the GPUs
     joined = threading.Event()
     threading.Thread(target=_exit_unless_joined, args=(joined, job, timeout), daemon=True).start()
-    jax.distributed.initialize(job.coordinator_address, job.num_processes, job.process_id,
-                               local_device_ids=list(job.local_device_ids) if job.local_device_ids else None,
-                               cluster_detection_method=detection,
-                               initialization_timeout=timeout + JAX_TIMEOUT_MARGIN_S,
-                               heartbeat_timeout_seconds=heartbeat_timeout(environ))
-    joined.set()
+    try:
+        jax.distributed.initialize(job.coordinator_address, job.num_processes, job.process_id,
+                                   local_device_ids=list(job.local_device_ids) if job.local_device_ids else None,
+                                   cluster_detection_method=detection,
+                                   initialization_timeout=timeout + JAX_TIMEOUT_MARGIN_S,
+                                   heartbeat_timeout_seconds=heartbeat_timeout(environ))
+    except Exception as error:  # JAX's detection found no slice (e.g. a TPU VM without pod metadata)
+        if job.coordinator_address is not None:
+            raise
+        cause = " ".join(str(error).split())[:200]
+        print(f"warning: JAX found TPU chips but could not detect a pod slice ({cause}); training as one "
+              "process on this VM's TPUs.", file=sys.stderr, flush=True)
+    finally:
+        joined.set()
 
 
 def _exit_unless_joined(joined: threading.Event, job: Job, timeout: int) -> None:

@@ -76,9 +76,21 @@ def test_every_allocated_gpu_is_used_however_slurm_shows_them(extra, devices):
     assert job.local_device_ids == devices
 
 
-def test_a_cloud_tpu_vm_is_left_to_jax_to_detect():
+def test_a_cloud_tpu_vm_is_left_to_jax_to_detect(monkeypatch, capsys):
     assert distributed.describe_job({}, on_tpu_vm=True) == Job("Cloud TPU VM")
     assert distributed.on_cloud_tpu_vm() is False  # this machine
+    # A TPU VM whose metadata describes no slice (a single-host VM elsewhere than GCE): one process, a warning.
+    calls = []
+
+    def no_slice(*args, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: True)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", no_slice)
+    distributed.maybe_initialize({})
+    assert calls and calls[0]["cluster_detection_method"] is None  # JAX's own detection
+    assert "could not detect a pod slice (coordinator_address should be defined.)" in capsys.readouterr().err
 
 
 def run_main(tmp_path, env_vars: dict, timeout=120):
