@@ -216,8 +216,9 @@ class Checkpointer:
         return state
 
     def restore_data_state(self, step: Optional[int] = None) -> dict:
-        """The data iterator state saved with `step`: grain's `get_state()` dict. Default: the step `restore`
-        restored (so state and data position always come from one checkpoint), else the latest."""
+        """The data position saved with `step` (`pipeline.train_position`; grain's `get_state()` in older
+        checkpoints). Default: the step `restore` restored (so state and data position always come from one
+        checkpoint), else the latest."""
         if step is None:
             step = self.latest_step() if self.restored_step is None else self.restored_step
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]

@@ -5,7 +5,8 @@ chosen weight decay) and `eval/features.npz` (train/test pooled features before 
 labels). Both are written to a temporary file and renamed, so a crash never leaves a half-written result.
 
 CLI: `python -m fgpair_jax.evaluate --workdir=W` re-evaluates the latest checkpoint of W with the
-config W/config.json that training saved. It reads only W: no pretrained weights, no optimiser.
+config W/config.json that training saved. It reads only W: no pretrained weights, no optimiser. Like
+training, it joins the multi-process job its launcher describes (`distributed.py`), on any device count.
 """
 import json
 import os
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from fgpair_jax import cli, features, parallel, run, run_config
+from fgpair_jax import cli, distributed, features, parallel, run, run_config
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import sources as data_sources
 from fgpair_jax.evaluation.knn import knn_top1
@@ -86,9 +87,12 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
 
 
 def evaluate_workdir(workdir: str) -> dict:
-    """Re-evaluate the latest checkpoint of a run directory into its `eval/` files."""
+    """Re-evaluate the latest checkpoint of a run directory into its `eval/` files (every process of a
+    multi-process job runs this; process 0 writes them)."""
     config = run_config.load(workdir)
+    distributed.maybe_initialize()
     mesh = parallel.make_mesh()
+    features.announce_eval_batch_size(config)
     sources, info = data_sources.load_sources(config, workdir)
     state = run.restore_latest(config, workdir, info.split_sizes["train"], mesh)
     return evaluate_state(config, workdir, state, sources, info, mesh)
@@ -97,7 +101,8 @@ def evaluate_workdir(workdir: str) -> dict:
 def main(argv):
     del argv
     metrics = evaluate_workdir(flags.FLAGS.workdir)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

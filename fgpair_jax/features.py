@@ -4,7 +4,8 @@ whole split lives here; `evaluation/` holds the pure metrics of the features the
 
 Every pass reads the split with `pipeline.eval_batches` (each image once, centre-cropped by
 `data.eval_crop_fraction`, padded to whole batches and masked), places the batch sharded over the mesh
-and keeps the weights replicated.
+and keeps the weights replicated. The batch is `eval.batch_size` rounded up to a multiple of the device
+count (`eval_batch_size`), so evaluation runs on any number of devices: the extra rows are padding.
 
 Precise BN (`eval.recompute_bn_stats`, off by default): the encoder's running statistics recomputed on
 clean train images, as the plain average of per-batch statistics (train images only: the test split
@@ -27,13 +28,29 @@ from fgpair_jax.data import augment, pipeline
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import get_method
+from fgpair_jax.metrics_writer import announce
 from fgpair_jax.models import build_encoder, frozen_modules, input_normalization
+
+
+def eval_batch_size(config) -> int:
+    """`config.eval.batch_size` rounded up to a multiple of the device count: a batch is split evenly over
+    the mesh (and over processes), and the rows past the data are masked padding."""
+    devices = jax.device_count()
+    return -(-config.eval.batch_size // devices) * devices
+
+
+def announce_eval_batch_size(config) -> None:
+    """Say so at start-up when `eval_batch_size` is not `config.eval.batch_size`."""
+    size = eval_batch_size(config)
+    if size != config.eval.batch_size:
+        announce(f"Evaluation batch: config.eval.batch_size={config.eval.batch_size} rounded up to {size}, a "
+                 f"multiple of the {jax.device_count()} devices (the added rows are masked padding).")
 
 
 def split_batches(source, config):
     """This process's share of every global evaluation batch of `source` (`pipeline.eval_batches`)."""
     return pipeline.eval_batches(
-        source, batch_size=config.eval.batch_size, image_size=config.data.image_size,
+        source, batch_size=eval_batch_size(config), image_size=config.data.image_size,
         crop_fraction=config.data.eval_crop_fraction, process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=config.data.worker_count)
 
@@ -96,12 +113,14 @@ def make_statistics_fn(config, mesh):
 
 def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
     """`batch_stats` with the encoder's updating statistics replaced by their average over the full
-    `eval.batch_size` batches of `source` (normally the train split); the partial last batch is left out.
+    `eval_batch_size` batches of `source` (normally the train split); the partial last batch is left out.
     Raises `ConfigError` when `source` holds fewer than one batch."""
-    num_batches = len(source) // config.eval.batch_size
+    batch_size = eval_batch_size(config)
+    num_batches = len(source) // batch_size
     if num_batches == 0:
-        raise ConfigError(f"eval.recompute_bn_stats needs at least eval.batch_size={config.eval.batch_size} train "
-                          f"images, the split has {len(source)}; lower config.eval.batch_size.")
+        raise ConfigError(f"eval.recompute_bn_stats needs at least {batch_size} train images (eval.batch_size="
+                          f"{config.eval.batch_size} on {jax.device_count()} devices), the split has "
+                          f"{len(source)}; lower config.eval.batch_size.")
     statistics_fn = make_statistics_fn(config, mesh)
     frozen = frozen_modules(config.model)
     old_stats = batch_stats["encoder"]

@@ -3,33 +3,16 @@
 Parameters, optimiser state and the MoCo queue are replicated (`P()`); batches are split along their
 leading axis (`P("data")`). XLA inserts the gradient all-reduce itself. There is no pmap, no
 replicate/unreplicate: the same jitted step runs on one CPU, one GPU or a TPU pod slice, and on a pod
-every host feeds only its own slice of the global batch (`global_batch`).
+every host feeds only its own slice of the global batch (`global_batch`). Joining a multi-process job
+(before any of this) is `distributed.py`'s.
 """
-import os
-
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fgpair_jax.errors import ConfigError
 
 DATA_AXIS = "data"
-
-
-def maybe_initialize_distributed() -> None:
-    """Join a multi-host job when the launcher says we are in one; a no-op on a single machine.
-
-    TPU pod VMs are detected by JAX itself; elsewhere (SLURM GPU clusters, manual launches) the
-    coordinator is given by `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
-    """
-    if jax.distributed.is_initialized():
-        return
-    on_tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    if on_tpu_pod or explicit or "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        jax.distributed.initialize()
-        logging.info("Joined a %d-process job as process %d.", jax.process_count(), jax.process_index())
 
 
 def make_mesh() -> Mesh:

@@ -46,9 +46,11 @@ KEYS_ADDED_SINCE = {
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an
-# op is implemented (same numbers). Every other key defines what trains and must stay as it was.
+# op is implemented (same numbers; the batches do not depend on data.worker_count: data/pipeline.py).
+# Every other key defines what trains and must stay as it was.
 MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
-                        "data.manual_dir", "data.data_dir", "data.eval_crop_fraction", "model.depthwise_impl",
+                        "data.manual_dir", "data.data_dir", "data.eval_crop_fraction", "data.worker_count",
+                        "model.depthwise_impl",
                         "fgpair.log_gradient_share")
 
 

@@ -11,7 +11,8 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import checkpointing, evaluate, features, numerics, parallel, preemption, run, run_config, viz
+from fgpair_jax import (checkpointing, distributed, evaluate, features, numerics, parallel, preemption, run,
+                        run_config, viz)
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
 from fgpair_jax.evaluation import HEADLINE_METRICS
@@ -27,9 +28,10 @@ def _warn_if_sized_for_an_accelerator(config) -> None:
                  "for a GPU/TPU; on this CPU it may run out of memory. For a CPU use configs/cub.py:quick.")
 
 
-def _host_batches(config, source, data_state=None):
-    """This process's share of the global batches; `data_state` (grain's `get_state()` saved with a
-    checkpoint) puts the iterator back where that checkpoint left it (exact resume)."""
+def _host_batches(config, source, start_step: int = 0):
+    """This process's share of the global batches from global batch `start_step` on. A batch depends on
+    the step alone (`pipeline.py`), so a resumed run starts at its restored step: the same next batches
+    whatever the worker or process count it ran with before."""
     dataset = pipeline.train_dataset(
         source,
         global_batch_size=config.global_batch_size,
@@ -39,11 +41,9 @@ def _host_batches(config, source, data_state=None):
         process_count=jax.process_count(),
         worker_count=config.data.worker_count,
         crop_scale=(config.data.crop_scale_min, 1.0),
+        start_step=start_step,
     )
-    iterator = iter(dataset)
-    if data_state is not None:
-        iterator.set_state(data_state)
-    return iterator
+    return iter(dataset)
 
 
 def _mean_metrics(history: list) -> dict:
@@ -68,15 +68,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     under another training config is refused in one line. Returns {} without evaluating when the run
     was asked to stop (SIGTERM, preemption) after saving.
     """
-    run_config.validate(config)
+    run_config.validate(config)  # makes no JAX call: the job is joined first
+    distributed.maybe_initialize()
     config = run_config.resolved(config)
     checkpointing.check_directory(os.path.join(workdir, "checkpoints"))  # before minutes of data building
-    parallel.maybe_initialize_distributed()
     announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
              f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}")
     mesh = parallel.make_mesh()
     parallel.check_batch_divisible(config.global_batch_size, mesh)
     _warn_if_sized_for_an_accelerator(config)
+    features.announce_eval_batch_size(config)
     sources, info = data_sources.load_sources(config, workdir)
     run_plan = run.plan(config, info.split_sizes["train"], mesh)
     checkpointer = run.open_checkpoints(config, workdir, run_plan)
@@ -91,7 +92,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     start_step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=start_step)
-    batches = _host_batches(config, sources["train"], data_state)
+    batches = _host_batches(config, sources["train"], start_step)
     try:
         try:
             with preemption.StopRequests() as stop_requests:
@@ -133,7 +134,7 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
 
     def save(step, force=False):
         nonfinite.flush()
-        checkpointer.save(step, state, batches.get_state(), force=force)
+        checkpointer.save(step, state, pipeline.train_position(step), force=force)
         nonfinite.checkpoint_hint = f"latest checkpoint: step {step} in {checkpointer.directory}"
 
     start_time, epoch_metrics = time.perf_counter(), []

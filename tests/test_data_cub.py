@@ -1,9 +1,12 @@
 """Tests for the CUB folder builder: label mapping, splits, image hygiene, reuse, and layout errors."""
 
 import io
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -205,3 +208,46 @@ def test_shared_subset_builds_with_official_split(subset_build):
     element = sources["test"][0]
     assert element["image"].shape == (227, 227, 3) and element["image"].dtype == np.uint8
     assert 0 <= element["label"] < 100 and info.class_ids[element["label"]] == element["class_id"]
+
+
+BUILD_AT_ONCE = """
+import json, os, sys, time
+from fgpair_jax.data import cub
+
+generate = cub.CubFolder._generate_examples
+def slow_generate(self, *args):  # a build that takes a while: the other process tries meanwhile
+    time.sleep(1.0)
+    yield from generate(self, *args)
+cub.CubFolder._generate_examples = slow_generate
+
+root, data_dir, ready, index = sys.argv[1:]
+open(f"{ready}.{index}", "w").close()
+while not all(os.path.exists(f"{ready}.{i}") for i in "01"):  # start both loads together
+    time.sleep(0.01)
+sources, info = cub.load_cub_sources(root, data_dir)
+print(json.dumps({"sizes": info.split_sizes, "dir": info.builder_dir, "first": int(sources["train"][0]["image_id"])}))
+"""
+
+
+def test_two_processes_building_the_same_folder_at_once_build_it_once(cub_folder, tmp_path):
+    """The issue's reproduction: two first runs sharing a data_dir used to end the slower one with
+    'FileExistsError: Cannot rename ... incomplete...'. Now one builds, the other waits and reuses it."""
+    root, _ = cub_folder
+    data_dir = str(tmp_path / "tfds")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    processes = [subprocess.Popen([sys.executable, "-c", BUILD_AT_ONCE, root, data_dir, str(tmp_path / "ready"), str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for i in range(2)]
+    try:
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0] == results[1] and results[0]["sizes"] == {"train": 6, "test": 5}
+    assert sum("Waiting for another process to finish building" in err for _, err in outputs) == 1
+    builds = os.path.join(data_dir, cub.CubFolder.name)
+    assert sorted(os.listdir(builds)) == sorted([os.path.basename(os.path.dirname(results[0]["dir"])),
+                                                 os.path.basename(os.path.dirname(results[0]["dir"])) + ".lock"])
+    assert os.listdir(os.path.dirname(results[0]["dir"])) == [os.path.basename(results[0]["dir"])]  # no incomplete.*

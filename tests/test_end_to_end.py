@@ -82,3 +82,21 @@ def test_wrongly_typed_config_value_is_an_error(tmp_path):
     result = run_cli("--config=configs/cub.py:quick", f"--workdir={tmp_path / 'run'}", "--config.num_epochs=many")
     assert result.returncode != 0
     assert "num_epochs" in result.stderr
+
+
+def test_evaluation_runs_on_a_device_count_that_does_not_divide_its_batch(tiny_cub, tmp_path):
+    """The issue's reproduction: on 3 devices with global batch 6 the run trained, then died at the first
+    kNN monitor with an IndivisibleError (eval batch 16 over 3 devices). The eval batch is now rounded up."""
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    result = subprocess.run([sys.executable, "-m", "fgpair_jax.main", "--config=configs/cub.py:tiny",
+                             "--config.method=moco", "--config.global_batch_size=6", "--config.moco.queue_size=12",
+                             "--config.eval.knn_every_epochs=1",
+                             f"--config.data.manual_dir={tiny_cub}", f"--workdir={workdir}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 3 cpu device(s)" in result.stdout
+    assert "config.eval.batch_size=16 rounded up to 18, a multiple of the 3 devices" in result.stdout
+    assert "knn_top1" in result.stdout.split("epoch 1/1")[1].splitlines()[0]  # the kNN monitor ran
+    features = np.load(os.path.join(workdir, "eval", "features.npz"))
+    assert features["train_features"].shape[0] == 18 and features["test_features"].shape[0] == 9

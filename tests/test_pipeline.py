@@ -159,6 +159,30 @@ def test_indivisible_global_batch_is_a_clear_error():
         pipeline.train_dataset(_source(), global_batch_size=8, image_size=SIZE, seed=0, process_count=3)
 
 
+@pytest.mark.parametrize("worker_count", [0, 2, 3])
+def test_starting_at_a_step_yields_that_step_s_batches_with_any_worker_count(worker_count):
+    """What a resumed run relies on (train.py): batch g does not depend on where the iterator started, on
+    the worker count, or on how the batch is split over processes."""
+    from absl import flags
+
+    source = _source()
+    expected = _first_batches(source, 5)[3:]
+    was_parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    try:
+        started = iter(pipeline.train_dataset(source, global_batch_size=8, image_size=SIZE, seed=3, start_step=3,
+                                              worker_count=worker_count))
+        _assert_batches_equal(expected, [next(started) for _ in range(2)])
+    finally:
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
+    halves = [_first_batches(source, 2, start_step=3, process_index=p, process_count=2) for p in (0, 1)]
+    for step, batch in enumerate(expected):
+        np.testing.assert_array_equal(np.concatenate([halves[0][step]["index"], halves[1][step]["index"]]),
+                                      batch["index"])
+    assert pipeline.train_position(3) == {"next_index": 3}
+
+
 def test_restored_iterator_yields_the_identical_next_batches():
     source = _source()
     iterator = iter(pipeline.train_dataset(source, global_batch_size=8, image_size=SIZE, seed=5))

@@ -2,6 +2,7 @@
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,51 @@ def test_full_disk_on_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_fi
     np.testing.assert_array_equal(reopened.restore(small)["w"], small["w"])
     assert reopened.restore_data_state() == {"next_index": 1}
     reopened.close()
+
+
+@pytest.fixture
+def parsed_flags():
+    """absl flags marked as parsed (grain's worker processes read them), as a command line leaves them."""
+    from absl import flags
+
+    was_parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()
+    yield
+    if not was_parsed:
+        flags.FLAGS.unparse_flags()
+
+
+def test_resume_with_another_worker_count_continues_with_the_same_batches(tmp_path, parsed_flags):
+    """The issue's reproduction: grain's iterator state differs per worker count, and restoring it under
+    another `data.worker_count` crashed (0->2: KeyError 'exhausted', 2->0: KeyError 'next_index', 2->3:
+    IndexError). A resumed run now starts the data at its step: the same batches, so the same end state.
+    (3 workers from a later step: test_pipeline.py, without a whole run around it.)"""
+    data = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
+
+    def config(workers):
+        return tiny_config(method="moco", **{"data.manual_dir": data, "data.data_dir": str(tmp_path / "tfds"),
+                                             "data.worker_count": workers, "num_epochs": 2, "keep_checkpoints": 0,
+                                             "checkpoint_every_steps": 1})
+
+    def resume(source, stopped_after, workers):
+        """A copy of the run `source` as if stopped after step `stopped_after`, resumed with `workers`."""
+        workdir = str(tmp_path / f"from_{os.path.basename(source)}_{stopped_after}_with_{workers}")
+        shutil.copytree(source, workdir)
+        for step in range(stopped_after + 1, 5):
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+        train.train_and_evaluate(config(workers), workdir)
+        return workdir
+
+    reference = str(tmp_path / "workers0")
+    train.train_and_evaluate(config(0), reference)  # 4 steps
+    two = resume(reference, 2, 2)  # 0 -> 2; its checkpoints 3 and 4 are written by 2 workers
+    runs = {"0 -> 2": two, "2 -> 0": resume(two, 3, 0)}
+    expected = kill_resume.final_state_leaves(reference)
+    for change, workdir in runs.items():
+        resumed = kill_resume.final_state_leaves(workdir)
+        assert resumed.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_array_equal(resumed[name], value, err_msg=f"workers {change}: {name}")
 
 
 def test_resume_truncates_metrics_logged_after_the_checkpoint(tmp_path):

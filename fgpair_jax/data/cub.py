@@ -26,14 +26,19 @@ Large images: readers decode with Pillow in fresh processes, which refuse more t
 `PIL.Image.MAX_IMAGE_PIXELS` and warn above it. An image accepted above `STORED_MAX_PIXELS` (possible once
 `max_image_pixels` is raised deliberately) is therefore stored downscaled to fit, and reported.
 
-Multi-host: build once (e.g. on process 0, or before launching) when several processes share a data_dir;
-concurrent first builds of the same config race on TFDS's temporary directory.
+Concurrent first runs (the hosts of a multi-host job, or several runs sharing $TFDS_DATA_DIR): TFDS builds
+into a temporary folder and renames it when done, and a second build of the same folder fails at that rename.
+So a build is made under an exclusive lock on a file beside it (`build_lock`): the first process builds, the
+others wait and then reuse the finished build. The lock is `fcntl.flock`, released by the kernel when its
+holder exits (a killed builder leaves no stale lock); hosts sharing the folder over NFS need a working lock
+service (Linux clients map flock onto NFS byte-range locks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import logging
@@ -498,13 +503,13 @@ def load_cub_sources(
     decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million). Raise it to keep large
     photos deliberately; a raised limit is a build of its own.
     """
-    builder = CubFolder(
-        config=CubFolderConfig.from_folder(manual_dir, max_image_pixels), data_dir=data_dir,
-        file_format="array_record",
-    )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-    )
+    folder_config = CubFolderConfig.from_folder(manual_dir, max_image_pixels)
+    with build_lock(data_dir, folder_config.name):
+        # Made under the lock: a builder reads an existing build's info when it is constructed.
+        builder = CubFolder(config=folder_config, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+        )
     info = builder.info
     split_sizes = {split: info.splits[split].num_examples for split in SPLITS}
     empty = [split for split, size in split_sizes.items() if size == 0]
@@ -521,6 +526,24 @@ def load_cub_sources(
         skipped_by_reason={split: _by_reason(info.metadata, split) for split in SPLITS},
     )
     return {split: builder.as_data_source(split) for split in SPLITS}, info_out
+
+
+@contextlib.contextmanager
+def build_lock(data_dir: str, config_name: str):
+    """Hold the exclusive lock of the build `config_name` in `data_dir` (see the module docstring); a
+    process that has to wait says so once. The lock file is `<data_dir>/cub_folder/<config name>.lock`."""
+    path = os.path.join(data_dir, CubFolder.name, f"{config_name}.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _LOG.warning("Waiting for another process to finish building %s (lock %s).", config_name, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _by_reason(metadata: Mapping, split: str) -> dict[str, tuple[str, ...]]:

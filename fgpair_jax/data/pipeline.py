@@ -6,19 +6,16 @@ per-pixel maths that the accelerator does far faster (fgpair_jax/data/augment.py
 cuts host->device traffic by 4x.
 
 Determinism: every random choice for a record comes from `np.random.default_rng((seed, epoch, record))`
-and the order from grain's index shuffle (reseeded each epoch), so a batch depends only on (seed, step,
-process layout) -- never on worker or thread counts, and a restored iterator continues identically.
+and the order from grain's index shuffle (reseeded each epoch), so a global batch depends only on (seed,
+step) -- never on worker, thread or process counts (a process's share of it also on the process index).
 
 Multi-host: global batch g holds the shuffled positions [g*B, (g+1)*B); process p reads and decodes only
 positions [g*B + p*b, g*B + (p+1)*b) with b = B // process_count, so the process-local batches laid side by
 side (e.g. by jax.make_array_from_process_local_data) are exactly the single-process global batch.
 
-Checkpointing the train position:
-    iterator = iter(train_dataset(...))        # a grain DatasetIterator
-    state = iterator.get_state()               # small JSON-able dict, e.g. {"next_index": 1234}
-    iterator = iter(train_dataset(...)); iterator.set_state(state)   # same arguments -> same next batch
-The trainer saves that dict as a JSON item beside the train state in each orbax checkpoint
-(`checkpointing.Checkpointer.save`) and restores it with the state of the same step.
+Resuming therefore needs no iterator state: `train_dataset(..., start_step=step)` starts at the restored
+step, under any `data.worker_count` and process count. (grain's own iterator state differs per worker count:
+restored under another one it fails.) Each checkpoint records the position, `train_position(step)`.
 """
 
 from __future__ import annotations
@@ -262,8 +259,9 @@ def train_dataset(
     worker_count: int = 0,
     read_threads: int = 2,
     crop_scale: tuple[float, float] = (0.2, 1.0),
+    start_step: int = 0,
 ) -> grain.IterDataset:
-    """Shuffled two-view training batches for this process; `iter()` it for a checkpointable iterator.
+    """Shuffled two-view training batches for this process, from global batch `start_step` on.
 
     Yields {"view1", "view2": uint8 [b,S,S,3], "label", "index": int32 [b]} with b = global_batch_size //
     process_count; `index` is the record's position in `source`. num_epochs=None repeats forever.
@@ -287,8 +285,17 @@ def train_dataset(
         process_index=process_index,
         process_count=process_count,
     )
-    batches = grain.MapDataset.range(total_steps * local_batch).map(example).batch(local_batch, drop_remainder=True)
+    if not 0 <= start_step <= total_steps:
+        raise ValueError(f"start_step {start_step} is outside [0, {total_steps}]")
+    positions = grain.MapDataset.range(start_step * local_batch, total_steps * local_batch)
+    batches = positions.map(example).batch(local_batch, drop_remainder=True)
     return _to_iter_dataset(batches, read_threads, worker_count)
+
+
+def train_position(step: int) -> dict:
+    """The data position saved with the checkpoint of `step`: the index of the next global batch (the
+    step itself; in grain's terms for a worker-free iterator). A resume starts at the restored step."""
+    return {"next_index": int(step)}
 
 
 def eval_batches(
