@@ -238,9 +238,8 @@ def figure_arrays(state, images, rng, config) -> dict:
     batch (the state's variance EMA when the run ranks by it), with the frozen encoder's running BN
     statistics and no augmentation, so it is the figure batch's mask, not a training batch's."""
     mask_rng, perturb_rng = jax.random.split(rng)
-    out = moco.figure_arrays(state, images, rng, config)
-    query, _ = moco.embed(state.params, state.batch_stats, images, config, train=False)
-    keys, _ = moco.embed(state.ema_params, state.ema_batch_stats, images, config, train=False)
+    query, keys = moco.frozen_embeddings(state, images, config)
+    out = jax.device_get({"cam": moco.gradcam_of_ssl_loss(state, query, keys, images.shape[1], config)})
     importance = gradcam_importance(state.params, query, keys.projection, state.queue, config)
     batch_variance = synthesis.feature_variance(query.pooled, relative=config.fgpair.relative_variance)
     mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.extras, batch_variance, config),
@@ -250,19 +249,20 @@ def figure_arrays(state, images, rng, config) -> dict:
     pair_a, pair_b = pair_images(reconstruction, rendered_perturbed, images, config)
     out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask}))
     out["pair_titles"] = PAIR_MODES[config.fgpair.pair_mode]
-    out["diagnostics"] = pair_diagnostics(state, images, pair_a, pair_b, config)
+    out["diagnostics"] = pair_diagnostics(state, images, query.pooled, pair_a, pair_b, config)
     return out
 
 
-def pair_diagnostics(state, images, pair_a, pair_b, config) -> dict:
+def pair_diagnostics(state, images, real_features, pair_a, pair_b, config) -> dict:
     """How different the pair is, as images and as the frozen encoder sees it, relative to two different
     real images: 'pair_contrast' (`contrast_ratio`) and 'pair_feature_distance' = mean ||f(x_a) - f(x_b)||
-    / mean ||f(x_i) - f(x_j)|| of the evaluation features f (pooled, running BN statistics)."""
+    / mean ||f(x_i) - f(x_j)|| of the evaluation features f (pooled, running BN statistics);
+    `real_features` [B, D] are f of `images`, already computed by the caller."""
     def feature_distance(a, b):
         return jnp.mean(jnp.linalg.norm(a - b, axis=-1))
 
-    f = {name: eval_features(state.params, state.batch_stats, x, config)
-         for name, x in (("a", pair_a), ("b", pair_b), ("real", images))}
+    f = {"a": eval_features(state.params, state.batch_stats, pair_a, config),
+         "b": eval_features(state.params, state.batch_stats, pair_b, config), "real": real_features}
     between_images = feature_distance(f["real"], jnp.roll(f["real"], 1, axis=0))
     values = {"pair_contrast": contrast_ratio(pair_a, pair_b, images),
               "pair_feature_distance": feature_distance(f["a"], f["b"]) / jnp.maximum(between_images, 1e-12)}

@@ -143,22 +143,28 @@ def optimizer_partitions(config) -> dict:
     return {}
 
 
-def gradcam_of_ssl_loss(state, images, config) -> jax.Array:
-    """Grad-CAM maps [B, S, S] in [0, 1] of L_C for normalised [B, S, S, 3] images (the frozen online
-    encoder with running BN statistics; keys from the momentum encoder on the same images, negatives
-    from the state's queue), resized to the image size: what the SSL objective attends to."""
+def frozen_embeddings(state, images, config):
+    """(query, keys) `Embedding`s of normalised [B, S, S, 3] images by the frozen online and momentum
+    encoders (running BN statistics): what the figures take Grad-CAM and masks from."""
     query, _ = embed(state.params, state.batch_stats, images, config, train=False)
     keys, _ = embed(state.ema_params, state.ema_batch_stats, images, config, train=False)
+    return query, keys
+
+
+def gradcam_of_ssl_loss(state, query, keys, image_size: int, config) -> jax.Array:
+    """Grad-CAM maps [B, S, S] in [0, 1] of L_C for the `frozen_embeddings` of a batch (negatives from
+    the state's queue), resized to the image size S: what the SSL objective attends to."""
     loss_of_map = contrastive_loss_of_feature_map(state.params, keys.projection, state.queue, config)
     cam = gradcam.gradcam_maps(query.feature_map, gradcam.loss_gradient_wrt_feature_map(loss_of_map, query.feature_map))
     cam = cam / jnp.maximum(jnp.max(cam, axis=(1, 2), keepdims=True), 1e-12)
-    return jax.image.resize(cam, (cam.shape[0],) + images.shape[1:3], "bilinear")
+    return jax.image.resize(cam, (cam.shape[0], image_size, image_size), "bilinear")
 
 
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM of the SSL loss} (`gradcam_of_ssl_loss`) as numpy."""
     del rng
-    return jax.device_get({"cam": gradcam_of_ssl_loss(state, images, config)})
+    query, keys = frozen_embeddings(state, images, config)
+    return jax.device_get({"cam": gradcam_of_ssl_loss(state, query, keys, images.shape[1], config)})
 
 
 def validate(config) -> None:
