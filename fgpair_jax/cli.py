@@ -3,15 +3,18 @@
 An error the user caused and can fix (`errors.UserError`: a config value, a path, a data folder, a
 workdir of another run) prints `error: <one line>` on stderr and exits with status 2, no traceback;
 `--debug` re-raises it with its traceback. Any other exception is a bug and keeps its traceback. A
-mistyped `--config.key=value` override is a user error too.
+mistyped `--config.key=value` override is a user error too. In a multi-process job a failing process
+also tells the others, which stop with one line naming it (`distributed.stop_after_failure`).
 """
 import sys
 
 from absl import app, flags, logging
 
+from fgpair_jax import distributed
 from fgpair_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1  # Python's own status for an uncaught exception
 
 
 def _quiet_libraries() -> None:
@@ -46,8 +49,12 @@ def run(main) -> None:
         except UserError as error:
             if flags.FLAGS.debug:
                 raise
+            distributed.stop_after_failure(error, f"error: {error}", EXIT_USER_ERROR)  # multi-process only
             print(f"error: {error}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except Exception as error:
+            distributed.stop_after_failure(error, None, EXIT_BUG)  # multi-process only
+            raise
 
     try:
         app.run(wrapped)

@@ -5,7 +5,8 @@ the processes `launch/local.sh` starts. On top of the real command line it
 - records the train batches this process reads: one JSON line {"process", "step", "index"} per batch in
   `$FGPAIR_TEST_RECORD/batches.<process index>.jsonl`, so the test can check who read what;
 - with `FGPAIR_TEST_SIGNAL=<process>:<step>:<signal name>`, sends that signal to itself when process
-  <process> draws the batch of step <step>: a SIGTERM or kill -9 at a known step, not a timed guess.
+  <process> draws the batch of step <step>: a SIGTERM or kill -9 at a known step, not a timed guess;
+  the name `DataError` raises that user error there instead (one process failing alone).
 """
 import json
 import os
@@ -23,7 +24,7 @@ def planned_signal():
     if not spec:
         return None
     process, step, name = spec.split(":")
-    return int(process), int(step), signal.Signals[name]
+    return int(process), int(step), (name if name == "DataError" else signal.Signals[name])
 
 
 class RecordedBatches:
@@ -48,6 +49,10 @@ class RecordedBatches:
             f.write(json.dumps({"process": self.process, "step": self.step,
                                 "index": batch["index"].tolist()}) + "\n")
         if self.signal and self.signal[:2] == (self.process, self.step):
+            if self.signal[2] == "DataError":
+                from fgpair_jax.errors import DataError
+
+                raise DataError(f"a bad batch planted by the test at step {self.step}")
             os.kill(os.getpid(), self.signal[2])
         return batch
 

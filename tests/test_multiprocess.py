@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_tiny_cub
+from fgpair_jax import cli, distributed
 from fgpair_jax.metrics_writer import read_jsonl
 
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
@@ -213,24 +214,57 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
           f"2 x 2 {mp_loss!r}, 1 x 1 resumed {one_loss!r}; eval {eval_metrics(ref)}")
 
 
-def test_a_killed_process_ends_the_other_in_bounded_time(tmp_path):
-    """kill -9 of one process of a 2 x 1 job (when it reads its first batch): JAX's distributed runtime
-    ends the other once the dead one missed heartbeats for FGPAIR_HEARTBEAT_TIMEOUT seconds (10 here),
-    instead of leaving it waiting in a collective forever."""
+def run_pair_until_one_fails(tmp_path, planted: str, victim: int):
+    """A 2 x 1 job in which process `victim` meets `planted` (a signal name or DataError) when it draws its
+    first batch; returns (the survivor's exit status, its log, seconds it outlived the victim)."""
     data = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
     port, logs = free_port(), [str(tmp_path / f"process_{i}.log") for i in range(2)]
     processes = Processes()
     try:
         env = base_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", FGPAIR_HEARTBEAT_TIMEOUT="10",
-                       FGPAIR_TEST_RECORD=str(tmp_path / "batches"), FGPAIR_TEST_SIGNAL="1:1:SIGKILL")
+                       FGPAIR_TEST_RECORD=str(tmp_path / "batches"), FGPAIR_TEST_SIGNAL=f"{victim}:1:{planted}")
         job = [processes.start([sys.executable, WORKER, *CONFIG, f"--config.data.manual_dir={data}",
                                 f"--workdir={tmp_path / 'run'}"], dict(env, JAX_PROCESS_ID=str(i)), logs[i])
                for i in range(2)]
-        assert wait(job[1], "the killed process", logs[1]) == -signal.SIGKILL
-        killed = time.perf_counter()
-        code = wait(job[0], "the surviving process", logs[0], timeout=120)
-        elapsed = time.perf_counter() - killed
-        assert code != 0 and elapsed < 40, (code, elapsed)
-        assert "another task died" in read(logs[0]), read(logs[0])[-3000:]
+        victim_code = wait(job[victim], "the failing process", logs[victim])
+        ended = time.perf_counter()
+        survivor = 1 - victim
+        code = wait(job[survivor], "the surviving process", logs[survivor], timeout=120)
+        return victim_code, code, read(logs[survivor]), time.perf_counter() - ended, read(logs[victim])
     finally:
         processes.kill_all()
+
+
+def test_a_killed_process_ends_the_other_in_bounded_time_with_one_line(tmp_path):
+    """kill -9 of process 1 of a 2 x 1 job (when it draws its first batch): the survivor's peer watch
+    finds it silent for FGPAIR_HEARTBEAT_TIMEOUT seconds (10 here) and ends the survivor with one line,
+    before JAX's own heartbeat timeout (and its multi-line fatal message), instead of a wait forever."""
+    killed, code, log, elapsed, _ = run_pair_until_one_fails(tmp_path, "SIGKILL", victim=1)
+    assert killed == -signal.SIGKILL
+    assert code == distributed.EXIT_PEER_LOST and elapsed < 40, (code, elapsed, log[-3000:])
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: process 1 of 2 went silent for 10 s"), log[-3000:]
+    assert "Check failure" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_process_failing_alone_ends_the_other_naming_it(tmp_path):
+    """A user error on process 1 only (a bad batch): it prints its one line and tells the job; process 0
+    stops at once with one line naming process 1 and its error, not after a heartbeat timeout."""
+    failed, code, log, elapsed, failed_log = run_pair_until_one_fails(tmp_path, "DataError", victim=1)
+    assert failed == cli.EXIT_USER_ERROR, failed_log[-3000:]
+    assert "error: a bad batch planted by the test at step 1" in failed_log.splitlines()
+    assert code == distributed.EXIT_PEER_LOST and elapsed < 10, (code, elapsed, log[-3000:])
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 1 of 2 stopped (a bad batch planted by the test at step 1), so this "
+                      "process stops too; see its log."], log[-3000:]
+    assert "Check failure" not in log + failed_log and "Traceback" not in log + failed_log
+
+
+def test_a_killed_coordinator_ends_the_others_in_bounded_time(tmp_path):
+    """kill -9 of process 0, which serves JAX's coordination service: the others lose the service and
+    JAX 0.10's client aborts them within seconds from C++, with its own multi-line fatal message (the
+    one case without our line: JAX's error callback cannot be replaced from Python, see distributed.py).
+    Bounded either way; our line would do too."""
+    killed, code, log, elapsed, _ = run_pair_until_one_fails(tmp_path, "SIGKILL", victim=0)
+    assert killed == -signal.SIGKILL
+    assert code in (-signal.SIGABRT, distributed.EXIT_PEER_LOST) and elapsed < 40, (code, elapsed, log[-3000:])
