@@ -4,13 +4,13 @@ An error the user caused and can fix (`errors.UserError`: a config value, a path
 workdir of another run) prints `error: <one line>` on stderr and exits with status 2, no traceback;
 `--debug` re-raises it with its traceback. Any other exception is a bug and keeps its traceback. A
 mistyped `--config.key=value` override is a user error too. In a multi-process job a failing process
-also tells the others, which stop with one line naming it (`distributed.stop_after_failure`).
+also tells the others, which stop with one line naming it (`liveness.stop_after_failure`).
 """
 import sys
 
 from absl import app, flags, logging
 
-from fgpair_jax import distributed
+from fgpair_jax import liveness
 from fgpair_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -47,13 +47,14 @@ def run(main) -> None:
         try:
             return main(argv)
         except UserError as error:
-            if flags.FLAGS.debug:
+            line = None if flags.FLAGS.debug else f"error: {error}"
+            liveness.stop_after_failure(error, line, EXIT_USER_ERROR)  # in a multi-process job: does not return
+            if line is None:
                 raise
-            distributed.stop_after_failure(error, f"error: {error}", EXIT_USER_ERROR)  # multi-process only
-            print(f"error: {error}", file=sys.stderr)
+            print(line, file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         except Exception as error:
-            distributed.stop_after_failure(error, None, EXIT_BUG)  # multi-process only
+            liveness.stop_after_failure(error, None, EXIT_BUG)  # in a multi-process job: does not return
             raise
 
     try:

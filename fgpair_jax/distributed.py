@@ -20,42 +20,26 @@ task that is alone on its node, or sees a single GPU, uses every GPU it sees; on
 their node's GPUs take one each.
 
 A peer that never arrives ends the wait after `FGPAIR_INITIALIZATION_TIMEOUT` seconds (default 300)
-with one line. A process that dies later without exiting (kill -9, the out-of-memory killer, a lost
-host) ends the others too, in one line, once it has been silent for `FGPAIR_HEARTBEAT_TIMEOUT` seconds
-(default 100): each process runs a `PeerWatch` thread that writes a heartbeat counter into the job's
-key-value store (JAX's coordination service) and reads everyone else's. Why not JAX's own heartbeats:
-they end the survivors too, but from C++ (a fatal log and a stack trace, JAX 0.10) that Python cannot
-intercept; JAX's timeout is set `JAX_TIMEOUT_MARGIN_S` later than ours as the backstop. A process
-that fails with an exception tells the others through the same store (`stop_after_failure`), and they
-stop at once. The one ending that stays JAX's: when process 0 dies, so does the coordination service it
-hosts, and JAX 0.10's client aborts the others within seconds from C++ (its `missed_heartbeat_callback`
-cannot be set from Python: the status it passes fails to convert, `std::bad_cast`).
+with one line. A process that dies or fails later ends the others in one line too (`liveness.py`).
 """
-import atexit
 import dataclasses
 import os
 import re
 import sys
 import threading
-import time
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import jax
 
+from fgpair_jax import liveness
 from fgpair_jax.errors import UserError
 
 INITIALIZATION_TIMEOUT_ENV = "FGPAIR_INITIALIZATION_TIMEOUT"
 DEFAULT_INITIALIZATION_TIMEOUT_S = 300
 HEARTBEAT_TIMEOUT_ENV = "FGPAIR_HEARTBEAT_TIMEOUT"
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's default for its own heartbeats
-JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeouts, later than ours (`_exit_unless_joined`, `PeerWatch`)
-HEARTBEATS_PER_TIMEOUT = 5  # `PeerWatch` writes and reads this many times per heartbeat timeout
+JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeouts, later than ours (`_exit_unless_joined`, `liveness`)
 EXIT_NOT_JOINED = 2  # like every one-line error of the command lines (cli.EXIT_USER_ERROR)
-EXIT_PEER_LOST = 3  # a process of the job died or failed, so this one stops too (`PeerWatch`)
-# The peer watch's directories in the job's key-value store, each holding one key per process index.
-HEARTBEAT_KEY, EXITED_KEY, FAILED_KEY = "fgpair/heartbeat/", "fgpair/exited/", "fgpair/failed/"
-# How a collective reports a peer that vanished (gloo, JAX's CPU collectives); NCCL waits instead.
-LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 EXPLICIT_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # SLURM's ids of the steps that are not `srun` steps: the batch script and the "extern" step.
 NOT_SRUN_STEPS = ("batch", "extern", "4294967294", "4294967295")
@@ -180,7 +164,8 @@ def initialization_timeout(environ: Mapping[str, str]) -> int:
 
 def heartbeat_timeout(environ: Mapping[str, str]) -> int:
     """Seconds of silence after which a process of the job counts as dead and the others stop
-    (`FGPAIR_HEARTBEAT_TIMEOUT`, default 100; `PeerWatch`)."""
+    (`FGPAIR_HEARTBEAT_TIMEOUT`, default 100; `liveness.py`). JAX's own, later, is this plus
+    `JAX_TIMEOUT_MARGIN_S`."""
     return _seconds(environ, HEARTBEAT_TIMEOUT_ENV, DEFAULT_HEARTBEAT_TIMEOUT_S)
 
 
@@ -220,7 +205,7 @@ def maybe_initialize(environ: Optional[Mapping[str, str]] = None) -> None:
     finally:
         joined.set()
     if jax.distributed.is_initialized():
-        start_peer_watch(job, heartbeat_timeout(environ))
+        liveness.start(heartbeat_timeout(environ), job.coordinator_address)
 
 
 def _exit_unless_joined(joined: threading.Event, job: Job, timeout: int) -> None:
@@ -238,157 +223,3 @@ def _exit_unless_joined(joined: threading.Event, job: Job, timeout: int) -> None
           f"process of the job (one that is missing or crashed leaves the others waiting); "
           f"{INITIALIZATION_TIMEOUT_ENV} sets the wait.", file=sys.stderr, flush=True)
     os._exit(EXIT_NOT_JOINED)
-
-
-class PeerWatch:
-    """Which processes of a job have gone silent: the bookkeeping of the peer watch, without the I/O.
-
-    `observe` takes what the key-value store holds now, each process's heartbeat counter and the set of
-    processes that exited in order, with the local monotonic time (clocks of different hosts are never
-    compared: a peer is alive while its counter changes). A peer that has not written a new counter for
-    `timeout_s` seconds, and has not said it exited, is lost; a peer that never wrote counts from the start.
-    """
-
-    def __init__(self, process_id: int, num_processes: int, timeout_s: float, now: float):
-        self.process_id, self.timeout_s = process_id, timeout_s
-        self.peers = [p for p in range(num_processes) if p != process_id]
-        self.counters: Dict[int, str] = {}
-        self.changed_at: Dict[int, float] = {p: now for p in self.peers}
-
-    def observe(self, counters: Mapping[int, str], exited: Iterable[int], now: float) -> List[int]:
-        """The peers silent for longer than the timeout (sorted), after taking in this observation."""
-        exited = set(exited)
-        for peer in self.peers:
-            if peer in counters and counters[peer] != self.counters.get(peer):
-                self.counters[peer], self.changed_at[peer] = counters[peer], now
-        return [p for p in self.peers if p not in exited and now - self.changed_at[p] > self.timeout_s]
-
-    @property
-    def verdict_within_s(self) -> float:
-        """Seconds after which a peer that died now has certainly been declared lost."""
-        return self.timeout_s * (1 + 2 / HEARTBEATS_PER_TIMEOUT)
-
-
-def _read_directory(client, directory: str) -> Dict[int, str]:
-    """{process index: value} of the keys `<directory><index>` in the job's key-value store."""
-    return {int(key.rsplit("/", 1)[-1]): value for key, value in client.key_value_dir_get(directory)}
-
-
-def lost_peer_message(lost: List[int], num_processes: int, timeout_s: float, coordinator: str) -> str:
-    """The one line a surviving process prints when peers went silent."""
-    who = ", ".join(str(p) for p in lost)
-    what = "process" if len(lost) == 1 else "processes"
-    coordinator_lost = " (the coordinator)" if 0 in lost else ""
-    return (f"error: {what} {who}{coordinator_lost} of {num_processes} went silent for {timeout_s:g} s (killed, out of "
-            f"memory, or its host is gone), so this process stops too; rerun the job to resume from the last "
-            f"checkpoint ({HEARTBEAT_TIMEOUT_ENV} sets the wait; job coordinator {coordinator}).")
-
-
-def failed_peer_message(failed: Mapping[int, str], num_processes: int) -> str:
-    """The one line a process prints when peers stopped with an error of their own."""
-    process, line = min(failed.items())
-    return f"error: process {process} of {num_processes} stopped ({line}), so this process stops too; see its log."
-
-
-class _Membership:
-    """This process's part in the job's liveness protocol: its peer watch and how it reports failure."""
-
-    def __init__(self, client, watch: PeerWatch, num_processes: int, coordinator: str):
-        self.client, self.watch, self.num_processes, self.coordinator = client, watch, num_processes, coordinator
-        self.stop = threading.Event()
-
-    def run(self, clock: Callable[[], float] = time.monotonic) -> None:
-        """The watch loop (a daemon thread): heartbeat, read the others, end the process if one is lost.
-
-        A store that cannot be reached counts as every peer's silence, the coordinator's included (it
-        serves the store), so the others end within the same timeout whoever died.
-        """
-        key, beat = f"{HEARTBEAT_KEY}{self.watch.process_id}", 0
-        interval = self.watch.timeout_s / HEARTBEATS_PER_TIMEOUT
-        while not self.stop.wait(0 if beat == 0 else interval):
-            beat += 1
-            try:
-                self.client.key_value_set(key, str(beat), allow_overwrite=True)
-                counters, exited = _read_directory(self.client, HEARTBEAT_KEY), _read_directory(self.client, EXITED_KEY)
-                failed = _read_directory(self.client, FAILED_KEY)
-            except Exception:  # the coordinator (which serves the store) is unreachable: nobody is heard
-                counters, exited, failed = {}, {}, {}
-            failed.pop(self.watch.process_id, None)
-            lost = self.watch.observe(counters, exited, clock())
-            if self.stop.is_set():
-                return
-            if failed:
-                self._end(failed_peer_message(failed, self.num_processes))
-            if lost:
-                self._end(lost_peer_message(lost, self.num_processes, self.watch.timeout_s, self.coordinator))
-
-    def _end(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-        os._exit(EXIT_PEER_LOST)
-
-    def exited_in_order(self) -> None:
-        """At interpreter exit: stop watching and tell the others this process is not lost."""
-        self.stop.set()
-        self._tell(EXITED_KEY, "1")
-
-    def failed(self, line: str) -> None:
-        """This process stops with an error: stop watching and tell the others why (their watch ends them)."""
-        self.stop.set()
-        self._tell(FAILED_KEY, line)
-
-    def _tell(self, directory: str, value: str) -> None:
-        try:
-            self.client.key_value_set(f"{directory}{self.watch.process_id}", value, allow_overwrite=True)
-        except Exception:  # the coordinator is gone already: nobody is left to tell
-            pass
-
-
-_membership: Optional[_Membership] = None  # set by `start_peer_watch` once the job is joined
-
-
-def start_peer_watch(job: Job, timeout_s: int) -> None:
-    """Start this process's peer watch (see the module docstring).
-
-    At interpreter exit (before JAX's own shutdown, registered earlier) the process records that it
-    exited in order, so peers still working (process 0 writing results) do not take it for dead.
-    """
-    global _membership
-    from jax._src import distributed as jax_distributed  # the job's client; JAX exports no handle
-
-    state = jax_distributed.global_state  # not jax.process_index(): it would create the backend now
-    watch = PeerWatch(state.process_id, state.num_processes, timeout_s, time.monotonic())
-    coordinator = state.coordinator_address or job.coordinator_address or "the TPU coordinator"
-    _membership = _Membership(state.client, watch, state.num_processes, coordinator)
-    threading.Thread(target=_membership.run, name="fgpair-peer-watch", daemon=True).start()
-    atexit.register(_membership.exited_in_order)
-
-
-def is_lost_peer_error(error: BaseException) -> bool:
-    """Whether `error` is a collective failing because a peer process vanished (`LOST_PEER_SIGNS`)."""
-    return any(sign in str(error) for sign in LOST_PEER_SIGNS)
-
-
-def stop_after_failure(error: BaseException, line: Optional[str], exit_code: int) -> None:
-    """End a multi-process job's process that failed with `error`; returns at once in a single process.
-
-    Prints `line` (None: the traceback, for a bug), tells the peers (their watch ends them in one line),
-    and exits with `exit_code` without JAX's shutdown, whose barrier would wait for the peers (and for
-    a dead one, end in JAX's fatal message). A collective that failed because a peer vanished is not
-    this process's error: the peer watch is given the time to name the lost process and end this one.
-    """
-    membership = _membership
-    if membership is None:
-        return
-    if is_lost_peer_error(error):
-        time.sleep(membership.watch.verdict_within_s)  # the watch thread ends the process meanwhile
-    summary = line.removeprefix("error: ") if line else f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-    membership.failed(summary)
-    if line is None:
-        import traceback
-
-        traceback.print_exception(error)
-    else:
-        print(line, file=sys.stderr)
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(exit_code)

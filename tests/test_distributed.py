@@ -153,37 +153,3 @@ def test_nothing_before_joining_creates_a_jax_backend(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "clean" in result.stdout, result.stderr[-2000:]
 
-
-def test_the_peer_watch_finds_silent_peers_by_their_counters_not_their_clocks():
-    watch = distributed.PeerWatch(process_id=0, num_processes=3, timeout_s=10, now=100.0)
-    assert watch.observe({0: "1", 1: "1", 2: "1"}, exited=[], now=101.0) == []
-    assert watch.observe({0: "2", 1: "2", 2: "1"}, exited=[], now=109.0) == []  # 2 silent for 8 s
-    assert watch.observe({0: "3", 1: "3", 2: "1"}, exited=[], now=111.5) == [2]  # 10.5 s: lost
-    assert watch.observe({0: "4", 1: "3", 2: "1"}, exited=[2], now=111.6) == []  # 2 had exited in order
-    assert watch.observe({}, exited=[2], now=122.0) == [1]  # the store is unreachable: nobody is heard
-    late = distributed.PeerWatch(process_id=1, num_processes=2, timeout_s=10, now=0.0)
-    assert late.observe({1: "1"}, exited=[], now=10.5) == [0]  # a peer that never wrote counts from the start
-    assert late.verdict_within_s == pytest.approx(14.0)  # timeout plus two heartbeat intervals
-
-
-def test_the_lines_that_end_a_surviving_process_name_who_and_what_to_do():
-    line = distributed.lost_peer_message([0], 4, 100, "10.0.0.1:1234")
-    assert line.startswith("error: process 0 (the coordinator) of 4 went silent for 100 s")
-    assert "rerun the job to resume" in line and "FGPAIR_HEARTBEAT_TIMEOUT" in line and "\n" not in line
-    assert distributed.lost_peer_message([1, 3], 4, 10, "h:1").startswith("error: processes 1, 3 of 4 went silent")
-    assert (distributed.failed_peer_message({3: "disk full", 2: "bad batch"}, 4)
-            == "error: process 2 of 4 stopped (bad batch), so this process stops too; see its log.")
-
-
-@pytest.mark.parametrize("text,lost", [
-    ("UNKNOWN: Gloo all-reduce failed: [gloo/transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:1", True),
-    ("Connection reset by peer", True),
-    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes", False),
-])
-def test_a_collective_that_lost_its_peer_is_told_from_other_errors(text, lost):
-    assert distributed.is_lost_peer_error(ValueError(text)) is lost
-
-
-def test_a_single_process_failure_is_left_to_the_command_line():
-    assert distributed._membership is None  # no job joined in this process
-    distributed.stop_after_failure(ValueError("Connection closed by peer"), "error: x", 2)  # returns: nothing to tell

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_tiny_cub
-from fgpair_jax import cli, distributed
+from fgpair_jax import cli, liveness
 from fgpair_jax.metrics_writer import read_jsonl
 
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
@@ -32,6 +32,9 @@ TIMEOUT_S = 420  # one launch, compiles included, on a loaded 2-core machine
 CONFIG = ("--config=configs/cub.py:tiny", "--config.method=moco", "--config.num_epochs=3",
           "--config.model.bn_groups=1", "--config.optim.learning_rate=0.005")
 STEPS = 6
+# A heartbeat timeout short enough that a healthy job taken for dead (a process that finished first, or
+# one in a long compile) would fail the test: the watch checks every 2 s.
+QUICK_LIVENESS = {"FGPAIR_HEARTBEAT_TIMEOUT": "10"}
 
 
 def free_port() -> int:
@@ -141,7 +144,7 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
         # reads step 2's batch. Both build the data set into one fresh folder at once (one builds, one waits).
         run, logs, record = str(tmp_path / "mp"), str(tmp_path / "mp_logs"), str(tmp_path / "mp_batches")
         env = base_env(1, DEVICES_PER_PROCESS="2", LOG_DIR=logs, FGPAIR_TEST_RECORD=record,
-                       FGPAIR_TEST_SIGNAL="1:2:SIGTERM")
+                       FGPAIR_TEST_SIGNAL="1:2:SIGTERM", **QUICK_LIVENESS)
         job = processes.start([LOCAL_SH, "2", sys.executable, WORKER, *common, f"--workdir={run}"], env,
                               str(tmp_path / "local_sh.log"))
         log0 = os.path.join(logs, "process_0.log")
@@ -163,7 +166,7 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
 
         # 3. The same command again, now as the 2 tasks of an srun step: resumes and finishes.
         port, resume_logs = free_port(), [str(tmp_path / f"resume_{i}.log") for i in range(2)]
-        env = base_env(2, FGPAIR_TEST_RECORD=record)
+        env = base_env(2, FGPAIR_TEST_RECORD=record, **QUICK_LIVENESS)
         tasks = [processes.start([sys.executable, WORKER, *common, f"--workdir={run}"], slurm_env(env, i, port),
                                  resume_logs[i]) for i in range(2)]
         for i, task in enumerate(tasks):
@@ -221,7 +224,7 @@ def run_pair_until_one_fails(tmp_path, planted: str, victim: int):
     port, logs = free_port(), [str(tmp_path / f"process_{i}.log") for i in range(2)]
     processes = Processes()
     try:
-        env = base_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", FGPAIR_HEARTBEAT_TIMEOUT="10",
+        env = base_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", **QUICK_LIVENESS,
                        FGPAIR_TEST_RECORD=str(tmp_path / "batches"), FGPAIR_TEST_SIGNAL=f"{victim}:1:{planted}")
         job = [processes.start([sys.executable, WORKER, *CONFIG, f"--config.data.manual_dir={data}",
                                 f"--workdir={tmp_path / 'run'}"], dict(env, JAX_PROCESS_ID=str(i)), logs[i])
@@ -241,30 +244,32 @@ def test_a_killed_process_ends_the_other_in_bounded_time_with_one_line(tmp_path)
     before JAX's own heartbeat timeout (and its multi-line fatal message), instead of a wait forever."""
     killed, code, log, elapsed, _ = run_pair_until_one_fails(tmp_path, "SIGKILL", victim=1)
     assert killed == -signal.SIGKILL
-    assert code == distributed.EXIT_PEER_LOST and elapsed < 40, (code, elapsed, log[-3000:])
+    assert code == liveness.EXIT_PEER_LOST and elapsed < 40, (code, elapsed, log[-3000:])
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: process 1 of 2 went silent for 10 s"), log[-3000:]
     assert "Check failure" not in log and "Traceback" not in log, log[-3000:]
 
 
-def test_a_process_failing_alone_ends_the_other_naming_it(tmp_path):
-    """A user error on process 1 only (a bad batch): it prints its one line and tells the job; process 0
-    stops at once with one line naming process 1 and its error, not after a heartbeat timeout."""
-    failed, code, log, elapsed, failed_log = run_pair_until_one_fails(tmp_path, "DataError", victim=1)
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_process_failing_alone_ends_the_other_naming_it(tmp_path, victim):
+    """A user error on one process only (a bad batch): it prints its one line and names itself to the
+    job; the other stops within seconds with one line naming it, not after a heartbeat timeout. Process 0
+    serves the job's key-value store, so it leaves only once the other has read why."""
+    failed, code, log, elapsed, failed_log = run_pair_until_one_fails(tmp_path, "DataError", victim=victim)
     assert failed == cli.EXIT_USER_ERROR, failed_log[-3000:]
     assert "error: a bad batch planted by the test at step 1" in failed_log.splitlines()
-    assert code == distributed.EXIT_PEER_LOST and elapsed < 10, (code, elapsed, log[-3000:])
+    assert code == liveness.EXIT_PEER_LOST and elapsed < 10, (code, elapsed, log[-3000:])
     errors = [line for line in log.splitlines() if line.startswith("error:")]
-    assert errors == ["error: process 1 of 2 stopped (a bad batch planted by the test at step 1), so this "
-                      "process stops too; see its log."], log[-3000:]
+    assert errors == [f"error: process {victim} of 2 stopped (a bad batch planted by the test at step 1), so "
+                      "this process stops too; see its log."], log[-3000:]
     assert "Check failure" not in log + failed_log and "Traceback" not in log + failed_log
 
 
 def test_a_killed_coordinator_ends_the_others_in_bounded_time(tmp_path):
     """kill -9 of process 0, which serves JAX's coordination service: the others lose the service and
     JAX 0.10's client aborts them within seconds from C++, with its own multi-line fatal message (the
-    one case without our line: JAX's error callback cannot be replaced from Python, see distributed.py).
+    one case without our line: JAX's error callback cannot be replaced from Python, see liveness.py).
     Bounded either way; our line would do too."""
     killed, code, log, elapsed, _ = run_pair_until_one_fails(tmp_path, "SIGKILL", victim=0)
     assert killed == -signal.SIGKILL
-    assert code in (-signal.SIGABRT, distributed.EXIT_PEER_LOST) and elapsed < 40, (code, elapsed, log[-3000:])
+    assert code in (-signal.SIGABRT, liveness.EXIT_PEER_LOST) and elapsed < 40, (code, elapsed, log[-3000:])
