@@ -106,15 +106,26 @@ def is_lost_peer_error(error: BaseException) -> bool:
     return "Gloo" in text and any(sign in text for sign in LOST_PEER_SIGNS)
 
 
+def leave_now(code: int) -> None:
+    """`os._exit(code)` (no atexit handlers, so no JAX shutdown barrier waiting for peers), after
+    terminating this process's `multiprocessing` children (grain's decoding workers), which `os._exit`
+    would otherwise leave running."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    os._exit(code)
+
+
 class Membership:
     """This process's side of the protocol (module docstring), over `client`, JAX's
     `DistributedRuntimeClient` (or any object with its `key_value_set` and `key_value_dir_get`).
 
-    `clock` and `exit` are injectable for tests; `exit` must not return in production (`os._exit`).
+    `clock` and `exit` are injectable for tests; `exit` must not return in production (`leave_now`).
     """
 
     def __init__(self, client, process_id: int, num_processes: int, timeout_s: float, coordinator: str,
-                 clock: Callable[[], float] = time.monotonic, exit: Callable[[int], None] = os._exit):
+                 clock: Callable[[], float] = time.monotonic, exit: Callable[[int], None] = leave_now):
         self.client, self.process_id, self.num_processes = client, process_id, num_processes
         self.timeout_s, self.coordinator, self.clock, self.exit = timeout_s, coordinator, clock, exit
         self.interval = heartbeat_interval(timeout_s)

@@ -156,3 +156,36 @@ def test_a_collective_that_lost_its_peer_is_told_from_other_errors(text, lost):
 def test_outside_a_job_a_failure_is_left_to_the_command_line():
     assert liveness._membership is None  # this test process joined no job
     liveness.stop_after_failure(ValueError("Gloo: Connection closed by peer"), "error: x", 2)  # returns
+
+
+def test_leaving_at_once_takes_the_data_workers_along(tmp_path):
+    """`leave_now` skips atexit (JAX's shutdown barrier would wait for the peers), which is also where
+    multiprocessing stops its children: grain's workers must not outlive the process."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    script = ("import multiprocessing, time, sys\n"
+              "from fgpair_jax import liveness\n"
+              "if __name__ == '__main__':\n"
+              "    child = multiprocessing.Process(target=time.sleep, args=(120,)); child.start()\n"
+              "    print(child.pid, flush=True)\n"
+              "    liveness.leave_now(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    child = int(done.stdout.split()[0])
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":  # a zombie: ended, waiting to be reaped
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the worker outlived the process")
