@@ -139,8 +139,8 @@ class Membership:
         """Seconds within which every process has read the verdict about a peer that died now."""
         return self.timeout_s + 2 * self.interval + 1
 
-    def _key(self, kind: str, process: Optional[int] = None) -> str:
-        return f"{ROOT}{kind}/{self.process_id if process is None else process}"
+    def _key(self, kind: str) -> str:
+        return f"{ROOT}{kind}/{self.process_id}"
 
     def beat(self) -> Optional[Tuple[str, Set[int]]]:
         """One heartbeat and read. Returns (line, processes not to wait for) when the job must end.
@@ -209,7 +209,7 @@ class Membership:
     def exited_in_order(self) -> None:
         """At interpreter exit: stop beating and record that this process is not lost (retried)."""
         self.stop.set()
-        for attempt in range(EXITED_WRITE_ATTEMPTS):
+        for _ in range(EXITED_WRITE_ATTEMPTS):
             if self._tell("exited", "1"):
                 return
             time.sleep(1.0)

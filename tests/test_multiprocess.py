@@ -219,7 +219,8 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
 
 def run_pair_until_one_fails(tmp_path, planted: str, victim: int):
     """A 2 x 1 job in which process `victim` meets `planted` (a signal name or DataError) when it draws its
-    first batch; returns (the survivor's exit status, its log, seconds it outlived the victim)."""
+    first batch; returns (the victim's exit status, the survivor's, the survivor's log, seconds the
+    survivor outlived the victim, the victim's log)."""
     data = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
     port, logs = free_port(), [str(tmp_path / f"process_{i}.log") for i in range(2)]
     processes = Processes()
