@@ -12,6 +12,12 @@ the baseline's with seeds 0 and 1. Per variant (seed 0), from its own files only
   at least twice that;
 - the headline metrics of `eval/metrics.json`.
 Nothing here chooses anything on a test split: the runs were scored on the validation split.
+
+With `--seeds_root`, it instead writes the per-seed step means of the fgpair runs of one experiment root
+(`<root>/fgpair_seed<N>`, as `fgpair_jax.experiments` names them), rounded to 3 digits:
+
+    python benchmarks/pair_variants_summary.py --seeds_root=workdirs/stage2/residual \
+        --out=results/stage2/residual/pair_diagnostics.json
 """
 import json
 import os
@@ -26,6 +32,8 @@ from fgpair_jax.metrics_writer import read_jsonl
 _ROOT = flags.DEFINE_string("root", "workdirs/stage1", "Folder of the variants' experiment roots.")
 _BASELINE = flags.DEFINE_string("baseline", "moco", "Variant folder (and arm) that is the baseline.")
 _OUT = flags.DEFINE_string("out", "results/stage1/stage1_summary.json", "Output JSON (a .md beside it).")
+_SEEDS_ROOT = flags.DEFINE_string("seeds_root", None, "An experiments root: write its fgpair runs' per-seed "
+                                  "step means to --out instead of the variant table.")
 STEP_LOGS = ("pair_contrast", "grad_share_pair", "pair_accuracy", "loss_pair")
 
 
@@ -55,8 +63,25 @@ def variant_row(run_dir: str, baseline_features: np.ndarray) -> dict:
     return row
 
 
+def per_seed_step_means(root: str, arm: str = "fgpair") -> dict:
+    """{run name: `step_means` rounded to 3 digits} for every finished `<arm>_seed<N>` under `root`."""
+    runs = sorted(name for name in os.listdir(root) if name.startswith(f"{arm}_seed")
+                  and os.path.exists(os.path.join(root, name, "metrics.jsonl")))
+    if not runs:
+        raise SystemExit(f"No {arm}_seed* run with a metrics.jsonl under {root}: pass the --root given to "
+                         "fgpair_jax.experiments.")
+    return {name: {key: round(value, 3) for key, value in step_means(os.path.join(root, name)).items()}
+            for name in runs}
+
+
 def main(argv):
     del argv
+    if _SEEDS_ROOT.value:
+        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+        with open(_OUT.value, "w") as f:
+            json.dump(per_seed_step_means(_SEEDS_ROOT.value), f, indent=2, sort_keys=True)
+        print(open(_OUT.value).read())
+        return
     root, baseline = _ROOT.value, _BASELINE.value
     reference = eval_features(os.path.join(root, baseline, f"{baseline}_seed0"))
     other_seed = eval_features(os.path.join(root, baseline, f"{baseline}_seed1"))

@@ -17,9 +17,14 @@ DEFAULT_CUB_DIR = os.environ.get(
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """`arg`: '' (paper protocol: ImageNet ResNet-50 at 224 px; add --config.model.dtype=bfloat16 on a
-    GPU/TPU), 'quick' (CPU-sized, minutes end to end), 'medium' (quick trained 16 epochs: long enough
-    for the synthesized pairs to act, for studies on a CPU) or 'tiny' (seconds, on `data/synthetic.py`
-    folders: the one config of the tests, the smoke runs and the kill harness)."""
+    GPU/TPU), 'quick' (CPU-sized, minutes end to end), 'medium' (quick trained 16 epochs with ImageNet's
+    BN statistics kept and a 2 + 2 epoch warm-up and ramp: long enough for the synthesized pairs to act,
+    for studies on a CPU) or 'tiny' (seconds, on `data/synthetic.py` folders: the one config of the
+    tests, the smoke runs and the kill harness).
+
+    Raises:
+      ValueError: any other `arg`.
+    """
     variant = arg or "paper"
     if variant not in ("paper", "quick", "medium", "tiny"):
         raise ValueError(f"configs/cub.py takes '', 'quick', 'medium' or 'tiny', not {arg!r}.")
@@ -92,7 +97,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fgpair.pair_stride = 1  # every k-th image of the batch gets a synthesized pair (cost knob)
     c.fgpair.decode_from = "pooled"  # decoder input: pooled (h, our reading) | feature_map (layout kept)
     c.fgpair.pair_mode = "decoded"  # decoded: (d(h), d(h')) | residual: (x, x + d(h') - d(h)); our reading: decoded
-    c.fgpair.log_gradient_share = False  # log ||d(nu L_Cp)/d encoder|| / ||the rest||: one more backward pass
+    c.fgpair.log_gradient_share = False  # log ||d(nu_t L_Cp)/d encoder|| / ||the rest||: one more backward pass
 
     c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023)
     c.lcr.weight = 0.01  # weight of KL(Grad-CAM map || attention)
@@ -144,7 +149,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if variant == "medium":
         # The quick setup trained long enough for L_Cp to act (full weight for 12 of 16 epochs), with the
         # ImageNet BN statistics kept (quick runs otherwise lose ~5 points to them; results/README.md).
-        # About 15-20 minutes per fgpair run on a 2-core CPU.
+        # About 25 minutes per fgpair run and 18 per moco run on a 2-core CPU (results/README.md, stage 3).
         c.num_epochs = 16
         c.model.keep_bn_stats = True
         c.fgpair.warmup_epochs = 2.0

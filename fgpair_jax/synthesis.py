@@ -2,8 +2,9 @@
 
 The method (`methods/fgpair.py`) marks a dimension non-discriminative when it varies little across
 the batch (it fails to separate the data) or matters little to the SSL loss by Grad-CAM
-(`gradcam.py`); only those dimensions of the pooled vector h are perturbed, the decoder renders
-h and the perturbed h', and the encoder learns that the two renderings are the same image.
+(`gradcam.py`); only those dimensions of the pooled vector h (or, with `fgpair.decode_from =
+feature_map`, those channels of the last feature map at every position) are perturbed, the decoder
+renders h and the perturbed h', and the encoder learns that the two renderings are the same image.
 """
 import jax
 import jax.numpy as jnp

@@ -24,6 +24,14 @@ def test_pair_modes_make_the_pairs_they_name():
     a, b = fgpair.pair_images(reconstruction, perturbed, real, tiny_config(**{"fgpair.pair_mode": "residual"}))
     np.testing.assert_array_equal(a, real)
     np.testing.assert_allclose(b - a, perturbed - reconstruction, atol=1e-6)  # exactly the rendered perturbation
+    with pytest.raises(ValueError, match="pair_mode='swapped'"):
+        fgpair.pair_images(reconstruction, perturbed, real, tiny_config(**{"fgpair.pair_mode": "swapped"}))
+
+
+def test_pair_titles_name_what_the_decoder_renders():
+    assert fgpair.pair_titles(tiny_config(method="fgpair")) == ("x_a = d(h)", "x_b = d(h')")
+    spatial_residual = tiny_config(**{"fgpair.pair_mode": "residual", "fgpair.decode_from": "feature_map"})
+    assert fgpair.pair_titles(spatial_residual) == ("x_a = x", "x_b = x + d(A') - d(A)")
 
 
 def test_pair_contrast_against_a_numpy_reference():
@@ -108,5 +116,5 @@ def test_spatial_pairs_perturb_masked_channels_at_every_position():
     arrays = fgpair.figure_arrays(state, jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), jax.random.key(2),
                                   config)
     assert arrays["pair_a"].shape == arrays["pair_b"].shape == (8, 32, 32, 3)
-    assert arrays["pair_titles"] == ("x_a = x", "x_b = x + d(h') - d(h)")
+    assert arrays["pair_titles"] == ("x_a = x", "x_b = x + d(A') - d(A)")
     assert set(arrays["diagnostics"]) == {"pair_contrast", "pair_feature_distance"}

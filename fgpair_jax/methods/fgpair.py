@@ -6,9 +6,13 @@ One step, as this project reads the paper (README "Our reading"; every choice is
 2. Grad-CAM from L_C on the last feature map (`gradcam.py`) -> per-dimension importance w.
 3. Per-dimension variance v of h over the global batch (optionally an EMA across steps).
 4. Non-discriminative mask m: lowest fractions by v and by w, combined (union by default).
-5. h' = h perturbed on m only (`synthesis.perturb`).
-6. Decoder d: L_R = mean |d(sg(h)) - x1|^2 — the decoder learns only from L_R.
-7. x_a = sg(d(h)), x_b = sg(d(h')); L_Cp = InfoNCE(g(f(x_a)), g_ema(f_ema(x_b)), queue): the encoder
+5. h' = h perturbed on m only (`synthesis.perturb`); with `decode_from='feature_map'` the last feature
+   map A is perturbed instead, the masked channels at every position.
+6. Decoder d: L_R = mean |d(sg(h)) - x1|^2 — the decoder learns only from L_R (unless
+   `reconstruction_trains_encoder`, the first author's prototype's choice).
+7. The pair, by `pair_mode` (`PAIR_MODES`): x_a = sg(d(h)), x_b = sg(d(h')) (default, the abstract's
+   reading), or x_a = x1, x_b = x1 + sg(d(h') - d(h)) ('residual', this project's variant).
+   L_Cp = InfoNCE(g(f(x_a)), g_ema(f_ema(x_b)), queue): the encoder
    learns that images differing only in non-discriminative dimensions are the same image.
    L_Cp starts after `warmup_epochs` (the decoder first learns to render) and ramps in linearly.
    With `pair_stride` k > 1 only every k-th image of the batch is rendered and paired (cost knob).
@@ -40,6 +44,15 @@ PAIR_MODES = {
 
 
 DECODE_FROM = ("pooled", "feature_map")  # what the decoder renders: h [B, D], or the map A [B, h, w, D]
+
+
+def pair_titles(config) -> tuple:
+    """What x_a and x_b are under `fgpair.pair_mode` and `fgpair.decode_from`, for figure titles:
+    e.g. ("x_a = d(h)", "x_b = d(h')"), or with d rendering the feature map A: "x_a = d(A)"."""
+    titles = PAIR_MODES[config.fgpair.pair_mode]
+    if config.fgpair.decode_from == "feature_map":
+        titles = tuple(title.replace("(h)", "(A)").replace("(h')", "(A')") for title in titles)
+    return titles
 
 
 def decoder(config):
@@ -91,7 +104,9 @@ def optimizer_partitions(config) -> dict:
 
 
 def pair_weight(config, epoch: jax.Array) -> jax.Array:
-    """nu_t: 0 during the decoder warm-up, then a linear ramp over `ramp_epochs` up to `nu`."""
+    """nu_t, a float32 scalar: 0 during the decoder warm-up, then a linear ramp over `ramp_epochs` up to
+    `nu`; with `ramp_epochs` = 0 a step from 0 to `nu` at `warmup_epochs`. `epoch` is a scalar, fractional
+    (step / steps per epoch)."""
     c = config.fgpair
     if c.ramp_epochs > 0:
         ramp = jnp.clip((epoch - c.warmup_epochs) / c.ramp_epochs, 0.0, 1.0)
@@ -140,9 +155,10 @@ def nondiscriminative_mask(rng, importance, variance, config) -> jax.Array:
 
 
 def synthesize_pair(params, features, mask, rng, config):
-    """(d(h) with decoder gradient, sg(d(h'))): the reconstruction and the perturbed rendering of
-    `features` ([b, D] pooled or [b, h, w, D] map, `decoder_input`), masked channels perturbed (at every
-    position of a map)."""
+    """(d(h) with decoder gradient, sg(d(h'))), both [b, S, S, 3] float32 in the encoder's input
+    normalisation: the reconstruction and the perturbed rendering of `features` ([b, D] pooled or
+    [b, h, w, D] map, `decoder_input`), the channels where `mask` [D] is 1 perturbed (at every position
+    of a map). The encoder gets L_R's gradient only with `reconstruction_trains_encoder`."""
     h = features if config.fgpair.reconstruction_trains_encoder else jax.lax.stop_gradient(features)
     perturbed = synthesis.perturb(rng, jax.lax.stop_gradient(features), mask, config.fgpair.perturbation,
                                   config.fgpair.sigma)
@@ -157,8 +173,14 @@ def pair_images(reconstruction, rendered_perturbed, real, config):
 
     'decoded': x_a = d(h), x_b = d(h'): decoder artefacts are shared by both, but when the decoder
     renders soft layouts the two are nearly the same image. 'residual': x_a = x, x_b = x + d(h') - d(h):
-    a sharp real image carrying exactly the decoder's rendering of the perturbation.
+    a sharp real image carrying exactly the decoder's rendering of the perturbation (this project's
+    variant, not the paper's). `real` [b, S, S, 3] is the view the reconstruction was fitted to.
+
+    Raises:
+      ValueError: an unknown `pair_mode` (`validate` reports it earlier as a ConfigError).
     """
+    if config.fgpair.pair_mode not in PAIR_MODES:
+        raise ValueError(f"config.fgpair.pair_mode={config.fgpair.pair_mode!r}: use one of {tuple(PAIR_MODES)}.")
     reconstruction = jax.lax.stop_gradient(reconstruction)
     if config.fgpair.pair_mode == "residual":
         real = jax.lax.stop_gradient(real)
@@ -167,9 +189,11 @@ def pair_images(reconstruction, rendered_perturbed, real, config):
 
 
 def contrast_ratio(image_a, image_b, images) -> jax.Array:
-    """`pair_contrast`: mean |x_b - x_a| over the pairs / mean |x_i - x_j| over pairs of different real
-    images (each image of `images` [B, S, S, 3] against the next one; same normalisation). 0 means the
-    pair is one image twice; 1 means its images differ as much as two different photos do."""
+    """`pair_contrast`, a float32 scalar: mean |x_b - x_a| over the pairs (`image_a`, `image_b`
+    [b, S, S, 3]) / mean |x_i - x_j| over pairs of different real images (each image of `images`
+    [B, S, S, 3], B >= 2, against the next one; same normalisation). 0 means the pair is one image twice;
+    1 means its images differ as much as two different photos do. This project's diagnostic (issue 14),
+    not the paper's."""
     between_images = jnp.mean(jnp.abs(images - jnp.roll(images, 1, axis=0)))
     return jnp.mean(jnp.abs(image_b - image_a)) / jnp.maximum(between_images, 1e-12)
 
@@ -248,16 +272,19 @@ def figure_arrays(state, images, rng, config) -> dict:
                                                          perturb_rng, config)
     pair_a, pair_b = pair_images(reconstruction, rendered_perturbed, images, config)
     out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask}))
-    out["pair_titles"] = PAIR_MODES[config.fgpair.pair_mode]
+    out["pair_titles"] = pair_titles(config)
     out["diagnostics"] = pair_diagnostics(state, images, query.pooled, pair_a, pair_b, config)
     return out
 
 
 def pair_diagnostics(state, images, real_features, pair_a, pair_b, config) -> dict:
     """How different the pair is, as images and as the frozen encoder sees it, relative to two different
-    real images: 'pair_contrast' (`contrast_ratio`) and 'pair_feature_distance' = mean ||f(x_a) - f(x_b)||
-    / mean ||f(x_i) - f(x_j)|| of the evaluation features f (pooled, running BN statistics);
-    `real_features` [B, D] are f of `images`, already computed by the caller."""
+    real images, as Python floats: 'pair_contrast' (`contrast_ratio`) and 'pair_feature_distance' =
+    mean ||f(x_a) - f(x_b)|| / mean ||f(x_i) - f(x_j)|| of the evaluation features f (pooled, running BN
+    statistics). `images` [B, S, S, 3] (B >= 2) are unaugmented figure images, every one paired
+    (`pair_a`, `pair_b` [B, S, S, 3]), so this 'pair_contrast' differs from the training log's (augmented
+    view, every `pair_stride`-th image). `real_features` [B, D] are f of `images`, computed by the caller.
+    This project's diagnostic (issue 14), not the paper's."""
     def feature_distance(a, b):
         return jnp.mean(jnp.linalg.norm(a - b, axis=-1))
 
@@ -270,7 +297,8 @@ def pair_diagnostics(state, images, real_features, pair_a, pair_b, config) -> di
 
 
 def validate(config) -> None:
-    """`ConfigError` for fgpair knobs out of range (MoCo's are checked too)."""
+    """`ConfigError` for fgpair knobs out of range (MoCo's are checked too); a logged warning (no error)
+    when `warmup_epochs` >= `num_epochs`, so that L_Cp would never switch on."""
     moco.validate(config)
     c = config.fgpair
     choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS, "pair_mode": tuple(PAIR_MODES), "decode_from": DECODE_FROM,

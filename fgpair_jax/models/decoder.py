@@ -1,5 +1,8 @@
-"""Decoder: pooled feature vector [B, D] -> image [B, S, S, 3] in the encoder's normalised input space.
+"""Decoders to images [B, S, S, 3] in the encoder's normalised input space: `Decoder` renders the pooled
+feature vector [B, D] (the default); `SpatialDecoder` the last feature map [B, h, w, D]
+(`fgpair.decode_from = "feature_map"`, this project's variant, not the paper's).
 
+`Decoder`:
 LayerNorm(h) -> two paths, summed:
 - coarse: a zero-initialised linear map to an s x s RGB grid, bilinearly upsampled to S x S;
 - detail: dense -> s x s grid -> (nearest x2 upsample, 3x3 conv, GroupNorm, ReLU) blocks -> 3x3 conv to RGB.
