@@ -77,10 +77,11 @@ def per_seed_step_means(root: str, arm: str = "fgpair") -> dict:
 def main(argv):
     del argv
     if _SEEDS_ROOT.value:
+        text = json.dumps(per_seed_step_means(_SEEDS_ROOT.value), indent=2, sort_keys=True)
         os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
         with open(_OUT.value, "w") as f:
-            json.dump(per_seed_step_means(_SEEDS_ROOT.value), f, indent=2, sort_keys=True)
-        print(open(_OUT.value).read())
+            f.write(text)
+        print(text)
         return
     root, baseline = _ROOT.value, _BASELINE.value
     reference = eval_features(os.path.join(root, baseline, f"{baseline}_seed0"))

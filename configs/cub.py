@@ -149,7 +149,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if variant == "medium":
         # The quick setup trained long enough for L_Cp to act (full weight for 12 of 16 epochs), with the
         # ImageNet BN statistics kept (quick runs otherwise lose ~5 points to them; results/README.md).
-        # About 25 minutes per fgpair run and 18 per moco run on a 2-core CPU (results/README.md, stage 3).
+        # Run times on a 2-core CPU: results/README.md, issue 14 stage 3.
         c.num_epochs = 16
         c.model.keep_bn_stats = True
         c.fgpair.warmup_epochs = 2.0

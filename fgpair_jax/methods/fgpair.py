@@ -36,10 +36,11 @@ eval_features = moco.eval_features
 ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
              **{criterion: {"fgpair.criterion": criterion} for criterion in synthesis.CRITERIA if criterion != "both"}}
 DECODER_OPTIMIZERS = ("adam", "sgd")
-# How the pair is made from the decoder's renderings d(h), d(h') and the real view x (`pair_images`).
+# How the pair is made from the decoder's renderings d(h), d(h') and the real view x (`pair_images`);
+# the titles' {h} is what the decoder renders (`pair_titles`).
 PAIR_MODES = {
-    "decoded": ("x_a = d(h)", "x_b = d(h')"),  # the abstract's reading: both images synthesized
-    "residual": ("x_a = x", "x_b = x + d(h') - d(h)"),  # a real image carrying the rendered perturbation
+    "decoded": ("x_a = d({h})", "x_b = d({h}')"),  # the abstract's reading: both images synthesized
+    "residual": ("x_a = x", "x_b = x + d({h}') - d({h})"),  # a real image carrying the rendered perturbation
 }
 
 
@@ -49,10 +50,8 @@ DECODE_FROM = ("pooled", "feature_map")  # what the decoder renders: h [B, D], o
 def pair_titles(config) -> tuple:
     """What x_a and x_b are under `fgpair.pair_mode` and `fgpair.decode_from`, for figure titles:
     e.g. ("x_a = d(h)", "x_b = d(h')"), or with d rendering the feature map A: "x_a = d(A)"."""
-    titles = PAIR_MODES[config.fgpair.pair_mode]
-    if config.fgpair.decode_from == "feature_map":
-        titles = tuple(title.replace("(h)", "(A)").replace("(h')", "(A')") for title in titles)
-    return titles
+    rendered = "A" if config.fgpair.decode_from == "feature_map" else "h"
+    return tuple(title.format(h=rendered) for title in PAIR_MODES[config.fgpair.pair_mode])
 
 
 def decoder(config):
@@ -179,13 +178,14 @@ def pair_images(reconstruction, rendered_perturbed, real, config):
     Raises:
       ValueError: an unknown `pair_mode` (`validate` reports it earlier as a ConfigError).
     """
-    if config.fgpair.pair_mode not in PAIR_MODES:
-        raise ValueError(f"config.fgpair.pair_mode={config.fgpair.pair_mode!r}: use one of {tuple(PAIR_MODES)}.")
     reconstruction = jax.lax.stop_gradient(reconstruction)
+    rendered_perturbed = jax.lax.stop_gradient(rendered_perturbed)
+    if config.fgpair.pair_mode == "decoded":
+        return reconstruction, rendered_perturbed
     if config.fgpair.pair_mode == "residual":
         real = jax.lax.stop_gradient(real)
-        return real, real + jax.lax.stop_gradient(rendered_perturbed) - reconstruction
-    return reconstruction, jax.lax.stop_gradient(rendered_perturbed)
+        return real, real + rendered_perturbed - reconstruction
+    raise ValueError(f"config.fgpair.pair_mode={config.fgpair.pair_mode!r}: use one of {tuple(PAIR_MODES)}.")
 
 
 def contrast_ratio(image_a, image_b, images) -> jax.Array:
