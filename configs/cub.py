@@ -99,9 +99,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fgpair.pair_mode = "decoded"  # decoded: (d(h), d(h')) | residual: (x, x + d(h') - d(h)); our reading: decoded
     c.fgpair.log_gradient_share = False  # log ||d(nu_t L_Cp)/d encoder|| / ||the rest||: one more backward pass
 
-    c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023)
-    c.lcr.weight = 0.01  # weight of KL(Grad-CAM map || attention)
-    c.lcr.detach_features = False  # True: the attention branch does not train the encoder
+    c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023), ported from GANPerf/LCR (methods/lcr.py)
+    c.lcr.nu = 0.01  # weight of the row-wise KL(gradient x activation map || attention) (LCR: --nu 0.01)
+    c.lcr.attention_channels = 32  # 1x1 conv D -> C before the channel max (LCR: self.bilinear = 32)
+    c.lcr.eval_minmax = "batch"  # evaluation attention min-max: batch (LCR's inference()) | image
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # SGD + momentum (paper)

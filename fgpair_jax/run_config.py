@@ -43,6 +43,11 @@ KEYS_ADDED_SINCE = {
     "fgpair.decode_from": "pooled",
     "data.max_image_pixels": None,
     "fgpair.log_gradient_share": False,
+    # Runs before LCR was ported exactly (1x1 conv D -> 1, softmax over positions): 0 marks them, and
+    # `methods/lcr.py` refuses to resume or evaluate such an lcr run in one line.
+    "lcr.nu": 0.01,
+    "lcr.attention_channels": 0,
+    "lcr.eval_minmax": "batch",
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an

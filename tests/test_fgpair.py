@@ -1,4 +1,4 @@
-"""The fgpair and LCR methods: where gradients flow, what reproduces MoCo, what L_R learns."""
+"""The fgpair method: where gradients flow, what reproduces MoCo, what L_R learns (LCR: test_lcr.py)."""
 import functools
 import glob
 import os
@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import SHARED_CUB, requires_shared_cub, tiny_config
 from fgpair_jax import optim, parallel, state as state_lib, step as step_lib
 from fgpair_jax.data import augment
-from fgpair_jax.methods import fgpair, lcr, moco
+from fgpair_jax.methods import fgpair, moco
 from fgpair_jax.models.decoder import Decoder, decoder_geometry
 
 
@@ -138,24 +138,3 @@ def test_reconstruction_loss_falls_on_real_images():
         state, metrics = train_step(state, parallel.global_batch({"view1": chunk, "view2": chunk}, mesh))
         losses.append(float(metrics["loss_reconstruction"]))
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
-
-
-def test_lcr_attention_fits_gradcam_and_pools_eval_features():
-    config = tiny_config(method="lcr", **{"data.image_size": 64})  # a 2x2 feature map to attend over
-    state, _ = make_state(config)
-    view1, view2 = views(config)
-    loss_fn = lambda p: lcr.loss(p, state, view1, view2, jax.random.key(1), config, epoch=0.0)  # noqa: E731
-    (total, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
-    kl = float(aux["metrics"]["loss_attention_kl"])
-    assert kl >= 0.0
-    np.testing.assert_allclose(float(total), float(aux["metrics"]["loss_contrastive"]) + 0.01 * kl, rtol=1e-6)
-    assert norm(grads["attention"]) > 0
-    features = lcr.eval_features(state.params, state.batch_stats, view1, config)
-    assert features.shape == (config.global_batch_size, 64) and bool(jnp.all(jnp.isfinite(features)))
-
-
-def test_kl_divergence_is_zero_for_equal_maps_and_positive_otherwise():
-    p = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, 9))).reshape(2, 3, 3)
-    q = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 9))).reshape(2, 3, 3)
-    assert abs(float(lcr.kl_divergence(p, p))) < 1e-6
-    assert float(lcr.kl_divergence(q, p)) > 0.01

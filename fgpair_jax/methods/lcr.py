@@ -1,80 +1,169 @@
-"""LCR baseline (Shu et al., CVPR 2023, "Learning Common Rationale"): MoCo v2 plus an attention branch
-on the last feature map, fitted to the Grad-CAM map of the SSL loss; its attention pools the features
-used at evaluation.
+"""LCR, "Learning Common Rationale" (Shu, van den Hengel, Liu; CVPR 2023), ported line by line from
+the authors' code, GANPerf/LCR at commit fe591d4e (`moco/builder.py`, `main_moco.py`).
 
-L = L_C + lcr.weight * KL(q || p), q = the per-image Grad-CAM map of L_C (`gradcam.py`) as a spatial
-distribution (a constant target), p = softmax over positions of a 1x1 convolution of the feature map.
-The KL gradient reaches the encoder too (unless `lcr.detach_features`), which is how the encoder learns
-the "common rationale" of the data.
+MoCo v2's InfoNCE L_C is unchanged; a rationale branch on the query encoder's last feature map
+A [B, h, w, D] is fitted to a gradient x activation map of L_C:
+
+  attention  a   = max_c relu(BN(conv1x1_{D->C}(A)))          builder.py `max_mask`: conv16 (no bias),
+                                                                bn16, relu, torch.max(axis=1); C = 32
+             att = (a - min a) / (1e-7 + max(a - min a))       `max_mask`: min and max over the whole
+                                                                per-GPU batch, not per image
+  target     g   = relu(sum_d A * dCE/dA)                      builder.py `forward`: grad_wrt_act1,
+                                                                gradcam; CE is the per-GPU batch mean;
+                                                                A is *not* detached: the target side
+                                                                moves the encoder too (dCE/dA is a
+                                                                constant: autograd.grad without create_graph)
+  loss       KL  = sum_{n,h,w} q (log q - log p),               main_moco.py `train`: F.kl_div(
+                   q = softmax_w(g), p = softmax_w(att)           att_max.softmax(dim=-1).log(),
+                                                                  gradcam.softmax(dim=-1), reduction='sum'):
+                                                                softmax over the last (width) axis of the
+                                                                [N, 7, 7] map, summed over the per-GPU batch
+             L   = L_C + nu * KL, nu = 0.01                    main_moco.py `--nu` (default 0.01)
+  eval       f   = l2norm(mean_hw(A * att)), BN with running   builder.py `inference`: min-max over the
+                   statistics                                   evaluation batch, AvgPool2d(7), normalize
+
+The per-GPU batch under one `jax.jit`: `config.model.bn_groups` contiguous groups of the global batch,
+the same groups whose statistics the encoder's ghost batch norm uses for MoCo's shuffle-BN. Each group
+has its own attention BN statistics and its own min-max, dCE/dA is the gradient of the group's mean
+InfoNCE (the global mean's gradient x bn_groups), and the KL is summed within a group and averaged over
+the groups, as DDP averages the per-GPU gradients of the per-GPU sums.
+
+Where this port differs from the original, and why:
+- The original also builds `qmax`/`kmax` heads and a second queue on the attention-pooled features;
+  their logits (`output_max`) never enter the loss, so they are not ported.
+- The original runs bn16 three times per step in train mode (query, key, query again), so its running
+  statistics move three times per step, once with the momentum encoder's map; here they move once per
+  step, from the query's map. Only evaluation reads them.
+- `lcr.eval_minmax='batch'` (the default) is `inference()`'s min-max over the evaluation batch: the
+  features then depend on the batch they are computed in (`eval.batch_size`; the padded rows of the
+  last evaluation batch take part in its min and max). 'image' normalises each image by itself.
 """
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fgpair_jax import gradcam
+from fgpair_jax import contrastive
 from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import moco
 from fgpair_jax.models import feature_dim
+from fgpair_jax.models.norm import GroupedBatchNorm
 
-MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
+MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES  # the attention branch has no momentum copy (builder.py)
 ABLATIONS = {}
 init_extras = moco.init_extras
-optimizer_partitions = moco.optimizer_partitions  # the attention branch follows the run's SGD
+optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
+EVAL_MINMAX = ("batch", "image")
+MINMAX_EPS = 1e-7  # builder.py max_mask / inference: img / (1e-7 + torch.max(img))
 
 
 class AttentionBranch(nn.Module):
-    """1x1 conv D -> 1: a logit per position of the feature map."""
+    """relu(BN(conv1x1_{D->channels}(A))): builder.py's conv16 (bias=False), bn16, relu.
+
+    Attributes:
+      channels: output channels C (LCR: `self.bilinear = 32`).
+      num_groups: batch-norm statistic groups (`config.model.bn_groups`: LCR's per-GPU BN).
+    """
+
+    channels: int = 32
+    num_groups: int = 1
 
     @nn.compact
-    def __call__(self, feature_map):
-        return nn.Conv(1, (1, 1), name="conv")(feature_map)[..., 0]
+    def __call__(self, feature_map, *, train: bool):
+        x = nn.Conv(self.channels, (1, 1), use_bias=False, name="conv")(feature_map.astype(jnp.float32))
+        x = GroupedBatchNorm(use_running_average=not train, num_groups=self.num_groups, name="bn")(x)
+        return jax.nn.relu(x)
+
+
+def _branch(config) -> AttentionBranch:
+    return AttentionBranch(channels=config.lcr.attention_channels, num_groups=config.model.bn_groups)
 
 
 def init_variables(rng: jax.Array, config) -> dict:
+    """MoCo's variables plus params['attention'] and batch_stats['attention'] (the branch's conv and BN)."""
     moco_rng, branch_rng = jax.random.split(rng)
     variables = moco.init_variables(moco_rng, config)
-    sample = jnp.zeros((1, 2, 2, feature_dim(config.model)))
-    variables["params"]["attention"] = AttentionBranch().init(branch_rng, sample)["params"]
+    sample = jnp.zeros((config.model.bn_groups, 2, 2, feature_dim(config.model)))
+    branch = _branch(config).init(branch_rng, sample, train=False)
+    variables["params"]["attention"] = branch["params"]
+    variables["batch_stats"]["attention"] = branch["batch_stats"]
     return variables
 
 
-def attention(params, feature_map) -> jax.Array:
-    """p: [B, h, w] spatial attention (sums to 1 per image)."""
-    logits = AttentionBranch().apply({"params": params["attention"]}, feature_map)
-    flat = jax.nn.softmax(logits.reshape(logits.shape[0], -1), axis=1)
-    return flat.reshape(logits.shape)
+def channel_max_attention(params, batch_stats, feature_map, config, *, train: bool):
+    """a = max over the branch's channels of relu(BN(conv(A))): [B, h, w] float32, >= 0, not yet min-max
+    normalised; with the branch's new batch_stats (unchanged when not `train`)."""
+    variables = {"params": params["attention"], "batch_stats": batch_stats["attention"]}
+    if train:
+        maps, updates = _branch(config).apply(variables, feature_map, train=True, mutable=["batch_stats"])
+        new_stats = updates["batch_stats"]
+    else:
+        maps, new_stats = _branch(config).apply(variables, feature_map, train=False), batch_stats["attention"]
+    return jnp.max(maps, axis=-1), new_stats
 
 
-def kl_divergence(target: jax.Array, predicted: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """Mean over the batch of KL(target || predicted) between [B, h, w] spatial distributions."""
-    t = target.reshape(target.shape[0], -1)
-    p = predicted.reshape(predicted.shape[0], -1)
-    return jnp.mean(jnp.sum(t * (jnp.log(t + eps) - jnp.log(p + eps)), axis=1))
+def minmax_normalize(attention: jax.Array, num_groups: int) -> jax.Array:
+    """(a - min a) / (1e-7 + max(a - min a)) with min and max over each of `num_groups` contiguous groups
+    of the batch ([B, h, w] -> [B, h, w] in [0, 1]): builder.py `max_mask` over a per-GPU batch."""
+    groups = attention.reshape((num_groups, -1) + attention.shape[1:])
+    shifted = groups - jnp.min(groups, axis=(1, 2, 3), keepdims=True)
+    return (shifted / (MINMAX_EPS + jnp.max(shifted, axis=(1, 2, 3), keepdims=True))).reshape(attention.shape)
+
+
+def gradient_x_activation(feature_map: jax.Array, gradient: jax.Array) -> jax.Array:
+    """LCR's target g = relu(sum_d A * dCE/dA): [B, h, w, D] x [B, h, w, D] -> [B, h, w]. The gradient is
+    used as given (a constant); A carries its own gradient (builder.py `forward`: gradcam)."""
+    return jax.nn.relu(jnp.sum(feature_map * jax.lax.stop_gradient(gradient), axis=-1))
+
+
+def rowwise_kl(attention: jax.Array, target: jax.Array, num_groups: int) -> jax.Array:
+    """sum KL(softmax_w(target) || softmax_w(attention)) over the rows (n, h) of each group, averaged
+    over the `num_groups` groups: torch's F.kl_div(attention.softmax(-1).log(), target.softmax(-1),
+    reduction='sum') on a per-GPU [n, h, w] batch, with DDP's mean over GPUs. Scalar float32."""
+    log_p = jax.nn.log_softmax(attention.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(target.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(log_q) * (log_q - log_p)) / num_groups
 
 
 def loss(params, state, view1, view2, rng, config, *, epoch):
+    """L = L_C + lcr.nu * KL (module docstring); aux as `moco.contrastive_loss`'s, plus the attention
+    branch's batch_stats and the metric 'loss_attention_kl' (the unweighted KL)."""
     del epoch
+    groups = config.model.bn_groups
     loss_c, aux = moco.contrastive_loss(params, state, view1, view2, rng, config)
-    feature_map = aux["query"].feature_map
+    feature_map = aux["query"].feature_map.astype(jnp.float32)
     loss_of_map = moco.contrastive_loss_of_feature_map(params, aux["keys"], state.queue, config)
-    gradient = gradcam.loss_gradient_wrt_feature_map(loss_of_map, feature_map)
-    target = gradcam.normalize_map(gradcam.gradcam_maps(jax.lax.stop_gradient(feature_map), gradient))
-    branch_input = jax.lax.stop_gradient(feature_map) if config.lcr.detach_features else feature_map
-    loss_kl = kl_divergence(target, attention(params, branch_input))
-    total = loss_c + config.lcr.weight * loss_kl
+    # d(per-group mean CE)/dA = d(global mean)/dA * groups: the scale matters, the softmax is not scale-free.
+    gradient = jax.grad(loss_of_map)(jax.lax.stop_gradient(feature_map)) * groups
+    target = gradient_x_activation(feature_map, gradient)
+    raw, branch_stats = channel_max_attention(params, state.batch_stats, feature_map, config, train=True)
+    loss_kl = rowwise_kl(minmax_normalize(raw, groups), target, groups)
+    total = loss_c + config.lcr.nu * loss_kl
+    aux["batch_stats"] = dict(aux["batch_stats"], attention=branch_stats)
     aux["metrics"].update({"loss": total, "loss_attention_kl": loss_kl})
     return total, aux
 
 
 def eval_features(params, batch_stats, images, config) -> jax.Array:
-    """Attention-pooled features: sum over positions of p * A (LCR's evaluation features)."""
+    """[B, D] float32 L2-normalised mean over positions of A * att (builder.py `inference`), BN with its
+    running statistics; att min-max normalised over the batch or per image (`lcr.eval_minmax`)."""
     (feature_map, _), _ = moco.encode(params, batch_stats, images, config, train=False)
-    weights = attention(params, feature_map)
-    return jnp.einsum("bhw,bhwd->bd", weights, feature_map)
+    feature_map = feature_map.astype(jnp.float32)
+    raw, _ = channel_max_attention(params, batch_stats, feature_map, config, train=False)
+    groups = 1 if config.lcr.eval_minmax == "batch" else raw.shape[0]
+    weights = minmax_normalize(raw, groups)
+    return contrastive.l2_normalize(jnp.mean(feature_map * weights[..., None], axis=(1, 2)))
 
 
 def validate(config) -> None:
+    """`ConfigError` for LCR knobs out of range (and MoCo's, which LCR is built on)."""
     moco.validate(config)
-    if config.lcr.weight < 0:
-        raise ConfigError(f"config.lcr.weight={config.lcr.weight} must be >= 0 (LCR: 0.01).")
+    if config.lcr.attention_channels == 0:  # run_config.KEYS_ADDED_SINCE marks runs from before the port
+        raise ConfigError("this lcr run was trained with the pre-port LCR attention (1x1 conv D -> 1, softmax over "
+                          "positions), which is gone: train it again with this version (methods/lcr.py).")
+    if config.lcr.nu < 0:
+        raise ConfigError(f"config.lcr.nu={config.lcr.nu} must be >= 0 (LCR: 0.01).")
+    if config.lcr.attention_channels < 1:
+        raise ConfigError(f"config.lcr.attention_channels={config.lcr.attention_channels} must be >= 1 (LCR: 32).")
+    if config.lcr.eval_minmax not in EVAL_MINMAX:
+        raise ConfigError(f"config.lcr.eval_minmax={config.lcr.eval_minmax!r}; choose one of {list(EVAL_MINMAX)}.")
