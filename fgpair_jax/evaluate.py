@@ -1,7 +1,7 @@
 """Evaluation of a frozen encoder: features -> linear probe, retrieval, kNN -> `<workdir>/eval/`.
 
 Writes `eval/metrics.json` (the `evaluation.HEADLINE_METRICS`, in percent, plus the step and the probe's
-chosen weight decay) and `eval/features.npz` (train/test pooled features before normalisation, with
+chosen weight decay; a metric the data cannot define is null, its reason under "unavailable") and `eval/features.npz` (train/test pooled features before normalisation, with
 labels). Both are written to a temporary file and renamed, so a crash never leaves a half-written result.
 
 CLI: `python -m fgpair_jax.evaluate --workdir=W` re-evaluates the latest checkpoint of W with the
@@ -18,34 +18,67 @@ from absl import flags
 from fgpair_jax import cli, distributed, features, parallel, run, run_config
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import sources as data_sources
+from fgpair_jax.evaluation import HEADLINE_METRICS, MetricUnavailable
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
 from fgpair_jax.metrics_writer import announce
 
 
+def _available(compute, unavailable: dict, family: str):
+    """compute() or, if the data cannot define that metric (`MetricUnavailable`), None with the reason
+    recorded under `unavailable[family]`: one metric that cannot be computed never loses the others."""
+    try:
+        return compute()
+    except MetricUnavailable as reason:
+        unavailable[family] = str(reason)
+        return None
+
+
 def compute_metrics(train_features, train_labels, test_features, test_labels, config, num_classes) -> dict:
-    """The headline numbers (percent) from frozen features; the test split chooses nothing."""
-    probe = linear_probe(
+    """The headline numbers (percent) from frozen features; the test split chooses nothing.
+
+    A metric the data cannot define is None, with its one-line reason under "unavailable" ({family:
+    reason}, family in linear_probe / retrieval / knn); the others are computed as usual."""
+    unavailable = {}
+    probe = _available(lambda: linear_probe(
         train_features, train_labels, test_features, test_labels,
         num_classes=num_classes, val_fraction=config.eval.probe_val_fraction, seed=config.seed,
         weight_decays=tuple(config.eval.probe_weight_decays),
-    )
-    retrieval = retrieval_metrics(test_features, test_labels)
-    knn = knn_top1(
+    ), unavailable, "linear_probe") or {}
+    retrieval = _available(lambda: retrieval_metrics(test_features, test_labels), unavailable, "retrieval") or {}
+    knn = _available(lambda: knn_top1(
         train_features, train_labels, test_features, test_labels,
         k=config.eval.knn_k, temperature=config.eval.knn_temperature, num_classes=num_classes,
-    )
-    return {
-        "linear_top1": probe["top1"],
-        "retrieval_rank1": retrieval["rank1"],
-        "retrieval_rank5": retrieval["rank5"],
-        "retrieval_map": retrieval["map"],
+    ), unavailable, "knn")
+    metrics = {
+        "linear_top1": probe.get("top1"),
+        "retrieval_rank1": retrieval.get("rank1"),
+        "retrieval_rank5": retrieval.get("rank5"),
+        "retrieval_map": retrieval.get("map"),
         "knn_top1": knn,
-        "linear_val_top1": probe["val_top1"],
-        "linear_weight_decay": probe["weight_decay"],
-        "linear_weight_decay_at_grid_edge": bool(probe["at_grid_edge"]),
+        "linear_val_top1": probe.get("val_top1"),
+        "linear_weight_decay": probe.get("weight_decay"),
+        "linear_weight_decay_at_grid_edge": bool(probe.get("at_grid_edge", False)),
     }
+    if unavailable:
+        metrics["unavailable"] = unavailable
+    return metrics
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The numeric entries of a metrics dict (no None, no "unavailable"): what logs and tables take."""
+    return {key: value for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def summary_line(metrics: dict) -> str:
+    """'Evaluation (%): linear_top1 81.20, retrieval_rank1 n/a, ...' with each unavailable family's reason."""
+    cells = [f"{key} {'n/a' if metrics.get(key) is None else format(metrics[key], '.2f')}" for key in HEADLINE_METRICS]
+    line = "Evaluation (%): " + ", ".join(cells)
+    for family, reason in metrics.get("unavailable", {}).items():
+        line += f"\nWarning: {family} unavailable: {reason}."
+    return line
 
 
 def write_results(workdir: str, metrics: dict, train, test) -> None:

@@ -100,6 +100,8 @@ def load_records(results: str) -> list:
 def mean_and_interval(values) -> tuple:
     """(mean, half-width of the two-sided 95% Student-t interval); the half-width is NaN for one value."""
     values = np.asarray(values, np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
     if len(values) < 2:
         return float(values.mean()), float("nan")
     from scipy import stats
@@ -119,9 +121,11 @@ def summarize(records: list) -> dict:
         runs = by_arm[arm]
         seeds = sorted(runs)
         entry = {"seeds": seeds, "metrics": {}, GAIN: {}}
-        for metric in HEADLINE_METRICS:
-            entry["metrics"][metric] = mean_and_interval([runs[s][metric] for s in seeds])
-            paired = [s for s in seeds if s in baseline]
+        for metric in HEADLINE_METRICS:  # a metric a run could not compute (None: evaluate.py) is left out
+            entry["metrics"][metric] = mean_and_interval([runs[s][metric] for s in seeds
+                                                          if runs[s].get(metric) is not None])
+            paired = [s for s in seeds if s in baseline
+                      and runs[s].get(metric) is not None and baseline[s].get(metric) is not None]
             if arm not in (BASELINE, REFERENCE) and paired:
                 gains = [runs[s][metric] - baseline[s][metric] for s in paired]
                 entry[GAIN][metric] = (*mean_and_interval(gains), len(paired))
@@ -130,6 +134,8 @@ def summarize(records: list) -> dict:
 
 
 def _cell(mean: float, half: float) -> str:
+    if np.isnan(mean):
+        return "n/a"
     return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
 
 
@@ -147,8 +153,9 @@ def markdown_table(summary: dict) -> str:
                   "| arm | paired seeds | " + " | ".join(names[m] for m in HEADLINE_METRICS) + " |",
                   "|" + " --- |" * (len(HEADLINE_METRICS) + 2)]
         for arm, gain in gains.items():
-            count = next(iter(gain.values()))[2]
-            lines.append(f"| {arm} | {count} | " + " | ".join(_cell(*gain[m][:2]) for m in HEADLINE_METRICS) + " |")
+            count = max(g[2] for g in gain.values())
+            cells = [_cell(*gain[m][:2]) if m in gain else "n/a" for m in HEADLINE_METRICS]
+            lines.append(f"| {arm} | {count} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +168,7 @@ def plot(summary: dict, path: str) -> None:
     axes = fig.subplots(1, 2)
     for axis, metric, title in zip(axes, ("linear_top1", "retrieval_rank1"), ("linear probe top-1 (%)",
                                                                              "retrieval rank-1 (%)")):
-        means = [summary[a]["metrics"][metric][0] for a in arms]
+        means = [np.nan_to_num(summary[a]["metrics"][metric][0]) for a in arms]  # n/a: an empty bar
         errors = [np.nan_to_num(summary[a]["metrics"][metric][1]) for a in arms]
         axis.bar(arms, means, yerr=errors, capsize=4, color=[{BASELINE: "#888", REFERENCE: "#ccc"}.get(a, "#3a7") for a in arms])
         low = min(m - e for m, e in zip(means, errors))

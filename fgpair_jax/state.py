@@ -36,15 +36,35 @@ def resolve_queue_size(config, num_train_examples: int) -> int:
     Why a fraction: on a small fine-grained data set a MoCo-ImageNet queue (65,536) would hold every
     image many times over, its own earlier keys among the negatives; sizing it to part of one epoch
     keeps the negatives mostly other images.
+
+    Raises `ConfigError` (naming a size that works, or why none does) when K is not a positive multiple
+    of the global batch.
     """
     batch = config.global_batch_size
     size = config.moco.queue_size or int(config.moco.queue_fraction * num_train_examples) // batch * batch
-    if size < batch or size % batch:
-        raise ConfigError(
-            f"MoCo queue size {size} must be a positive multiple of config.global_batch_size={batch}; "
-            "set config.moco.queue_size accordingly (or 0 for automatic)."
-        )
-    return size
+    if size >= batch and size % batch == 0:
+        return size
+    if config.moco.queue_size:
+        what = f"config.moco.queue_size={size} is not a positive multiple of config.global_batch_size={batch}"
+    else:
+        what = (f"the automatic MoCo queue (config.moco.queue_fraction={config.moco.queue_fraction} of "
+                f"{num_train_examples} train images, in whole batches of {batch}) is empty")
+    raise ConfigError(f"{what}; {queue_size_advice(batch, num_train_examples)}.")
+
+
+def largest_safe_queue(batch: int, num_train_examples: int) -> int:
+    """The largest multiple of `batch` below N - B (0 if none): a queue that never holds a query's own
+    image from an earlier step of the epoch among its negatives (facebookresearch/moco#87)."""
+    return max(0, (num_train_examples - batch - 1) // batch * batch)
+
+
+def queue_size_advice(batch: int, num_train_examples: int) -> str:
+    """What to set instead, in words: a safe queue size, or a smaller batch when none exists."""
+    safe = largest_safe_queue(batch, num_train_examples)
+    if safe >= batch:
+        return f"set config.moco.queue_size to a multiple of {batch} below {num_train_examples - batch}, e.g. {safe}"
+    return (f"{num_train_examples} train images hold fewer than three batches of {batch}, too few for a MoCo queue "
+            f"of whole batches that excludes the query's own images; lower config.global_batch_size")
 
 
 def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation, queue_size: int,

@@ -11,11 +11,10 @@ import time
 import jax
 import numpy as np
 
-from fgpair_jax import (checkpointing, distributed, evaluate, features, numerics, parallel, preemption, run,
-                        run_config, viz)
+from fgpair_jax import (checkpointing, distributed, evaluate, features, numerics, parallel, preemption, preflight,
+                        run, run_config, viz)
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import pipeline, sources as data_sources
-from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
 
 
@@ -79,6 +78,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _warn_if_sized_for_an_accelerator(config)
     features.announce_eval_batch_size(config)
     sources, info = data_sources.load_sources(config, workdir)
+    preflight.check(config, sources)  # what the data decides, before any state or step
     run_plan = run.plan(config, info.split_sizes["train"], mesh)
     checkpointer = run.open_checkpoints(config, workdir, run_plan)
     try:
@@ -103,13 +103,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if stopped:
             return {}
         metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
-        writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+        writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in evaluate.scalar_metrics(metrics).items()
+                                               if k != "step"})
     finally:
         writer.close()
     figures = viz.write_figures(config, workdir, state, sources["test"])
     if figures:
         announce(f"Figures: {', '.join(figures)}")
-    announce("Evaluation (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in HEADLINE_METRICS))
+    announce(evaluate.summary_line(metrics))
     announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
     return metrics
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fgpair_jax.data.splits import stratified_split
+from fgpair_jax.evaluation import MetricUnavailable
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import _fit_softmax_regression, linear_probe
 from fgpair_jax.evaluation.retrieval import retrieval_metrics
@@ -133,7 +134,7 @@ def test_retrieval_does_not_depend_on_block_size():
 
 
 def test_retrieval_errors_name_the_problem():
-    with pytest.raises(ValueError, match="every label is unique"):
+    with pytest.raises(MetricUnavailable, match="each of its 4 classes has one"):  # a ValueError
         retrieval_metrics(np.eye(4), np.arange(4))
     with pytest.raises(ValueError, match=r"must be \[N, D\]"):
         retrieval_metrics(np.zeros((2, 3, 4)), np.zeros(2, int))
@@ -185,8 +186,10 @@ def test_knn_separable_clusters_are_perfect_and_scale_free():
 
 def test_knn_errors_name_the_problem():
     features, labels = _random_split(10, n=10)
-    with pytest.raises(ValueError, match="k=11 must be in"):
+    with pytest.raises(MetricUnavailable, match="k=11 neighbours needs at least 11 train images"):
         knn_top1(features, labels, features, labels, k=11)
+    with pytest.raises(ValueError, match="k=0 must be >= 1"):
+        knn_top1(features, labels, features, labels, k=0)
     with pytest.raises(ValueError, match="differ in width"):
         knn_top1(features, labels, features[:, :4], labels, k=3)
 

@@ -29,6 +29,25 @@ def test_arms_change_only_method_criterion_and_seed():
         experiments.arm_config(base, "simsiam", 0)
 
 
+def test_an_unavailable_metric_is_left_out_of_means_and_gains(tmp_path):
+    records = [record("moco", 0, 50.0), record("moco", 1, 60.0), record("fgpair", 0, 52.0), record("fgpair", 1, 61.0)]
+    records[1]["metrics"]["retrieval_rank1"] = None  # moco seed 1 could not compute retrieval
+    for r in records[2:]:
+        r["metrics"]["retrieval_map"] = None  # no fgpair run could
+    summary = experiments.summarize(records)
+    assert summary["moco"]["metrics"]["retrieval_rank1"][0] == 50.0
+    assert summary["fgpair"]["gain_over_moco"]["retrieval_rank1"][2] == 1  # only seed 0 pairs
+    assert "retrieval_map" not in summary["fgpair"]["gain_over_moco"]
+    table = experiments.markdown_table(summary)
+    assert "n/a" in table and "| fgpair | 2 | 56.50 ± " in table
+    os.makedirs(tmp_path / "runs")
+    for r in records:
+        with open(tmp_path / "runs" / f"{r['arm']}_seed{r['seed']}.json", "w") as f:
+            json.dump(r, f)
+    experiments.write_report(str(tmp_path))  # the plot and strict JSON take the gaps too
+    assert (tmp_path / "plot.png").exists() and json.load(open(tmp_path / "summary.json"))
+
+
 def test_interval_is_the_student_t_interval():
     mean, half = experiments.mean_and_interval([1.0, 2.0, 3.0])
     assert mean == 2.0

@@ -155,7 +155,7 @@ def test_process_batches_concatenate_to_the_global_batch(process_count):
 
 
 def test_indivisible_global_batch_is_a_clear_error():
-    with pytest.raises(ValueError, match="not divisible by process_count 3"):
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         pipeline.train_dataset(_source(), global_batch_size=8, image_size=SIZE, seed=0, process_count=3)
 
 

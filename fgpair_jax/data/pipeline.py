@@ -31,6 +31,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from fgpair_jax.errors import ConfigError
+
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before its centre-crop fallback.
 _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -148,19 +150,16 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full global batches per epoch; each epoch drops its own remainder, so step // steps = epoch."""
     steps = num_examples // global_batch_size
     if steps == 0:
-        raise ValueError(
-            f"global batch size {global_batch_size} exceeds the {num_examples} training examples; lower it"
-        )
+        raise ConfigError(f"config.global_batch_size={global_batch_size} exceeds the {num_examples} training "
+                          f"images (an epoch is at least one full batch); lower it to at most {num_examples}.")
     return steps
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """Each process's share of a global batch."""
     if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by process_count {process_count}; "
-            "pick a multiple of the number of processes"
-        )
+        raise ConfigError(f"config.global_batch_size={global_batch_size} is not divisible by the {process_count} "
+                          "processes of the job; use a multiple of the number of processes.")
     return global_batch_size // process_count
 
 

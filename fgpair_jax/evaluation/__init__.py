@@ -17,3 +17,10 @@ HEADLINE_METRICS = {
     "retrieval_map": "mAP",
     "knn_top1": "kNN top-1",
 }
+
+
+class MetricUnavailable(ValueError):
+    """A metric the evaluated data cannot define (e.g. retrieval when every class has one image): not a
+    bug and not a reason to lose the other metrics. `evaluate.compute_metrics` records the metric as
+    None with this one-line reason under "unavailable"; the `unavailable_reason` function beside each
+    metric predicts it from the labels before training (`preflight.py`)."""

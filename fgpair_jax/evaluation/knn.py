@@ -10,11 +10,13 @@ unchanged, but no weight exceeds 1: exp(similarity / T) itself overflows float32
 (T = 0.01 with a near-duplicate neighbour), and the inf/NaN votes made every prediction class 0.
 """
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgpair_jax.evaluation import MetricUnavailable
 from fgpair_jax.evaluation.retrieval import (check_features_and_labels, check_train_test, cosine_similarities,
                                              l2_normalize)
 
@@ -28,6 +30,13 @@ def _predict_block(test_features, train_features, train_labels, temperature, *, 
     weights = jnp.exp((top_similarities - top_similarities[:, :1]) / temperature)
     votes = jnp.einsum("bk,bkc->bc", weights, jax.nn.one_hot(train_labels[top_indices], num_classes))
     return jnp.argmax(votes, axis=1)
+
+
+def unavailable_reason(num_train: int, k: int) -> Optional[str]:
+    """Why a k-NN vote over `num_train` train images is undefined (fewer images than neighbours), or None."""
+    if k <= num_train:
+        return None
+    return f"kNN with k={k} neighbours needs at least {k} train images, the train split has {num_train}"
 
 
 def knn_top1(
@@ -46,12 +55,17 @@ def knn_top1(
     Features need not be normalised (rows are L2-normalised here). `num_classes` defaults to
     1 + the largest label of either split; it only sizes the vote table. `block_size` bounds memory
     (about 4 * block_size * N_train bytes) and does not change the result.
+
+    Raises `MetricUnavailable` when k exceeds the train images, ValueError for malformed inputs.
     """
     train_features, train_labels = check_features_and_labels(train_features, train_labels, "kNN train")
     test_features, test_labels = check_features_and_labels(test_features, test_labels, "kNN test")
     num_classes = check_train_test(train_features, train_labels, test_features, test_labels, num_classes, "kNN")
-    if not 1 <= k <= train_features.shape[0]:
-        raise ValueError(f"kNN k={k} must be in [1, number of train images={train_features.shape[0]}].")
+    if k < 1:
+        raise ValueError(f"kNN k={k} must be >= 1.")
+    reason = unavailable_reason(train_features.shape[0], k)
+    if reason:
+        raise MetricUnavailable(reason)
     if temperature <= 0:
         raise ValueError(f"kNN temperature must be > 0; got {temperature}.")
 

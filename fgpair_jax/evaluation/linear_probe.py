@@ -14,7 +14,7 @@ decayed), starting from zeros, inside one jitted while-loop: convex, determinist
 to tune, and a few hundred small matmuls for CUB-sized problems, so a grid runs in seconds on CPU.
 """
 import functools
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from fgpair_jax.data.splits import stratified_split
+from fgpair_jax.evaluation import MetricUnavailable
 from fgpair_jax.evaluation.retrieval import check_features_and_labels, check_train_test, l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -94,6 +95,16 @@ def _fit_and_score(
     return _accuracy(params, eval_x, eval_y)
 
 
+def unavailable_reason(train_labels, val_fraction: float) -> Optional[str]:
+    """Why the probe cannot choose its weight decay on these [N] train labels, or None: the validation
+    part it holds out (`stratified_split`) is empty."""
+    _, validation = stratified_split(np.asarray(train_labels), val_fraction, 0)  # its size does not depend on the seed
+    if validation.size:
+        return None
+    return (f"the linear probe holds out no train image to choose its weight decay (eval.probe_val_fraction="
+            f"{val_fraction} rounds to 0 in every class); raise config.eval.probe_val_fraction")
+
+
 def linear_probe(
     train_features,
     train_labels,
@@ -135,12 +146,10 @@ def linear_probe(
         raise ValueError(f"linear-probe weight_decays must be non-empty and >= 0; got {weight_decays}.")
 
     train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
+    reason = unavailable_reason(train_y, val_fraction)
+    if reason:
+        raise MetricUnavailable(reason)
     fit_indices, val_indices = stratified_split(train_y, val_fraction, seed)
-    if val_indices.size == 0:
-        raise ValueError(
-            "linear-probe validation part is empty (no train class holds round(val_fraction * n_c) >= 1 "
-            "spare image); raise val_fraction or use more train images."
-        )
     in_fit = np.zeros(train_y.size, bool)
     in_fit[fit_indices] = True
     fit_options = dict(standardize=standardize, num_classes=num_classes, steps=steps, tolerance=tolerance)

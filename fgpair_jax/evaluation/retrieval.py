@@ -11,11 +11,13 @@ precision: accelerators default to bf16 matmuls, which would reorder near neighb
 This module also holds the input checks and the L2 normalisation shared by `knn` and `linear_probe`,
 so all three metrics read features the same way.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fgpair_jax.evaluation import MetricUnavailable
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 RANKS = (1, 5)
@@ -98,6 +100,16 @@ def _rank_block(similarities: np.ndarray, query_labels, query_indices, gallery_l
     return hits, average_precision, num_relevant > 0
 
 
+def unavailable_reason(labels) -> Optional[str]:
+    """Why leave-one-out retrieval is undefined on a split with these [N] labels, or None if it is not:
+    it needs a class with two or more images (a query with a positive)."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    if counts.size and counts.max() >= 2:
+        return None
+    return (f"retrieval needs a class with two or more images in the evaluated split, and each of its "
+            f"{counts.size} classes has one")
+
+
 def retrieval_metrics(features, labels, *, block_size: int = 1024) -> Dict[str, float]:
     """Leave-one-out cosine retrieval on one split: {"rank1", "rank5", "map"} in percent.
 
@@ -108,7 +120,8 @@ def retrieval_metrics(features, labels, *, block_size: int = 1024) -> Dict[str, 
 
     Queries whose class has no other image in the split (singletons) have no defined AP; they are
     EXCLUDED from all three numbers (they would otherwise count as guaranteed misses). They still act
-    as gallery distractors for the other queries. If no query has a positive, a ValueError is raised.
+    as gallery distractors for the other queries. If no query has a positive, `MetricUnavailable` (a
+    ValueError) is raised.
 
     Args:
       features: [N, D] float features, not necessarily normalised (rows are L2-normalised here, so
@@ -140,7 +153,7 @@ def retrieval_metrics(features, labels, *, block_size: int = 1024) -> Dict[str, 
         num_valid += int(np.sum(has_positive))
 
     if num_valid == 0:
-        raise ValueError("retrieval needs at least one class with two or more images; every label is unique.")
+        raise MetricUnavailable(unavailable_reason(labels))
     metrics = {f"rank{k}": 100.0 * hit_counts[k] / num_valid for k in RANKS}
     metrics["map"] = 100.0 * ap_sum / num_valid
     return metrics

@@ -47,6 +47,10 @@ class Method(Protocol):
     def validate(self, config) -> None:
         """Raise `ConfigError` (one line naming the key) for a value of this method's knobs out of range."""
 
+    def preflight_warnings(self, config, feature_map_shape: Tuple[int, int, int]) -> list:
+        """One-line warnings (strings) about `config` that need the encoder's last feature map (h, w, D) at
+        the run's image size, e.g. a spatial loss that a 1-pixel-wide map makes vanish (`preflight.py`)."""
+
 
 METHODS: Dict[str, Method] = {"moco": moco, "lcr": lcr, "fgpair": fgpair}
 BASELINE = "moco"  # the method every gain is measured against (experiments.py)

@@ -32,6 +32,7 @@ from fgpair_jax.models.decoder import Decoder, SpatialDecoder
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
 eval_features = moco.eval_features
+preflight_warnings = moco.preflight_warnings  # Grad-CAM's channel weights are defined on any map, 1x1 included
 # Experiment arms: the method itself and the ablations of which dimensions are perturbed.
 ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
              "fgpair_residual": {"fgpair.criterion": "both", "fgpair.pair_mode": "residual"},

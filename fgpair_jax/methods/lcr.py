@@ -155,6 +155,17 @@ def eval_features(params, batch_stats, images, config) -> jax.Array:
     return contrastive.l2_normalize(jnp.mean(feature_map * weights[..., None], axis=(1, 2)))
 
 
+def preflight_warnings(config, feature_map_shape) -> list:
+    """LCR's KL is a softmax over the map's width: with w = 1 both distributions are 1 and the KL is 0,
+    so lcr would train as moco (and its evaluation features become the pooled ones, rescaled)."""
+    height, width, _ = feature_map_shape
+    if width > 1:
+        return []
+    return [f"lcr: the encoder's last feature map is {height}x{width} at config.data.image_size="
+            f"{config.data.image_size}, so LCR's row-wise attention KL (a softmax over the width) is identically "
+            f"0 and lcr trains as moco; raise config.data.image_size"]
+
+
 def validate(config) -> None:
     """`ConfigError` for LCR knobs out of range (and MoCo's, which LCR is built on)."""
     moco.validate(config)

@@ -188,3 +188,9 @@ def validate(config) -> None:
     if m.dim < 1 or m.queue_size < 0 or not 0.0 < m.queue_fraction <= 1.0:
         raise ConfigError(f"config.moco: dim={m.dim} must be >= 1, queue_size={m.queue_size} >= 0 and "
                           f"queue_fraction={m.queue_fraction} in (0, 1].")
+
+
+def preflight_warnings(config, feature_map_shape) -> list:
+    """MoCo's loss uses the pooled vector only: any feature map works."""
+    del config, feature_map_shape
+    return []

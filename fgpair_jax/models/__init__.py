@@ -108,6 +108,14 @@ def abstract_encoder_variables(model_config):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
 
 
+def feature_map_shape(model_config, image_size: int) -> Tuple[int, int, int]:
+    """(h, w, D) of the encoder's last feature map for [S, S, 3] inputs (`jax.eval_shape`: nothing runs)."""
+    model = build_encoder(model_config)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    outputs, _ = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False), images)
+    return tuple(outputs[0].shape[1:])
+
+
 def check_init(init: str, model_config) -> None:
     """`ConfigError` for init='imagenet' on an encoder whose record has no ImageNet weights."""
     if init == IMAGENET and encoder_record(model_config).imagenet_weights is None:
