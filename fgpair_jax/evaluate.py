@@ -4,16 +4,20 @@ Writes `eval/metrics.json` (the `evaluation.HEADLINE_METRICS`, in percent, plus 
 chosen weight decay; a metric the data cannot define is null, its reason under "unavailable") and `eval/features.npz` (train/test pooled features before normalisation, with
 labels). Both are written to a temporary file and renamed, so a crash never leaves a half-written result.
 
-CLI: `python -m fgpair_jax.evaluate --workdir=W` re-evaluates the latest checkpoint of W with the
-config W/config.json that training saved. It reads only W: no pretrained weights, no optimiser. Like
+CLI: `python -m fgpair_jax.evaluate --workdir=W [--config.key=value ...]` re-evaluates the latest
+checkpoint of W with the config W/config.json that training saved; overrides may change evaluation
+knobs and data paths (e.g. `--config.data.manual_dir=` after the data folder moved), nothing trained. It reads only W: no pretrained weights, no optimiser. Like
 training, it joins the multi-process job its launcher describes (`distributed.py`), on any device count.
 """
 import json
 import os
+import sys
 
 import jax
 import numpy as np
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from fgpair_jax import cli, distributed, features, parallel, run, run_config
 from fgpair_jax.atomic_files import write_atomically
@@ -119,10 +123,14 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
     return metrics
 
 
-def evaluate_workdir(workdir: str) -> dict:
+def evaluate_workdir(workdir: str, config=None) -> dict:
     """Re-evaluate the latest checkpoint of a run directory into its `eval/` files (every process of a
-    multi-process job runs this; process 0 writes them)."""
-    config = run_config.load(workdir)
+    multi-process job runs this; process 0 writes them). `config`: the run's saved config with
+    `--config.` overrides of evaluation knobs and data paths (`run_config.with_evaluation_overrides`
+    refuses any other); None evaluates as saved."""
+    workdir = run_config.user_path(workdir)
+    saved = run_config.load(workdir)
+    config = saved if config is None else run_config.with_evaluation_overrides(saved, config)
     distributed.maybe_initialize()
     mesh = parallel.make_mesh()
     features.announce_eval_batch_size(config)
@@ -131,9 +139,24 @@ def evaluate_workdir(workdir: str) -> dict:
     return evaluate_state(config, workdir, state, sources, info, mesh)
 
 
+def define_config_flag(argv) -> None:
+    """`--config.key=value` overrides of the saved `<workdir>/config.json`, typed as ml_collections types
+    them: `--workdir` is read first (absl's known-only parse) to find that config. Without a readable
+    one the flag holds an empty config, and `evaluate_workdir` says what is missing."""
+    try:
+        flags.FLAGS(argv, known_only=True)
+        saved = run_config.load(run_config.user_path(flags.FLAGS.workdir))
+    except Exception:  # noqa: BLE001 -- a missing --workdir or config.json is reported by main, in one line
+        saved = ml_collections.ConfigDict()
+    flags.FLAGS.unparse_flags()
+    config_flags.DEFINE_config_dict("config", saved, "The run's saved config; override evaluation knobs and data "
+                                    "paths with --config.key=value.", lock_config=True)
+
+
 def main(argv):
     del argv
-    metrics = evaluate_workdir(flags.FLAGS.workdir)
+    given = flags.FLAGS.config
+    metrics = evaluate_workdir(flags.FLAGS.workdir, given if given.keys() else None)
     if jax.process_index() == 0:
         print(json.dumps(metrics, indent=2, sort_keys=True))
 
@@ -141,4 +164,5 @@ def main(argv):
 if __name__ == "__main__":
     # Defined here, not at import: fgpair_jax.main imports modules that import this one.
     flags.DEFINE_string("workdir", None, "Run directory written by fgpair_jax.main.", required=True)
+    define_config_flag(sys.argv)
     cli.run(main)

@@ -262,6 +262,7 @@ def write_report(results: str, root: str = "") -> dict:
 def main(argv):
     del argv
     args = flags.FLAGS
+    args.root, args.results = run_config.user_path(args.root), run_config.user_path(args.results)
     seeds = [int(s) for s in args.seeds]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:

@@ -93,15 +93,40 @@ def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def user_path(path: str) -> str:
+    """`path` with a leading `~` expanded and made absolute, as a shell would have given it; '' stays ''
+    (so that "does not exist" names what the user gave, not the working directory). A quoted or
+    `--flag=~/x` path reaches us unexpanded, and would otherwise become a folder named `~` here."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
 def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy with `data.manual_dir` and `data.data_dir` absolute (a run may be evaluated from elsewhere)."""
+    """A copy with `data.manual_dir` and `data.data_dir` absolute and `~` expanded (`user_path`): a run
+    may be evaluated from elsewhere."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        if config.data.manual_dir:  # '' stays '': "does not exist" names it, not the working directory
-            config.data.manual_dir = os.path.abspath(config.data.manual_dir)
-        if config.data.data_dir:
-            config.data.data_dir = os.path.abspath(config.data.data_dir)
+        config.data.manual_dir = user_path(config.data.manual_dir)
+        config.data.data_dir = user_path(config.data.data_dir)
     return config
+
+
+def changed_training_keys(saved, given) -> list:
+    """The keys that define training (`training_fingerprint`) whose values differ between two configs."""
+    before, after = training_fingerprint(saved), training_fingerprint(given)
+    return [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+def with_evaluation_overrides(saved, given):
+    """`given` (the saved config of a finished run with `--config.` overrides applied), resolved, when
+    the overrides touch only what may change after training (`MAY_CHANGE_ON_RESUME`: evaluation knobs,
+    data paths, logging); `ConfigError` naming the first key that would change what was trained."""
+    changed = changed_training_keys(saved, given)
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"config.{key} defines what this run trained and cannot change at evaluation; "
+                          f"evaluate accepts overrides of {', '.join(MAY_CHANGE_ON_RESUME)} only.")
+    validate(given)
+    return resolved(given)
 
 
 def save(config, workdir: str) -> None:

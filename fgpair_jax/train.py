@@ -70,6 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run_config.validate(config)  # makes no JAX call: the job is joined first
     distributed.maybe_initialize()
     config = run_config.resolved(config)
+    workdir = run_config.user_path(workdir)
     checkpointing.check_directory(os.path.join(workdir, "checkpoints"))  # before minutes of data building
     announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
              f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}")

@@ -1,13 +1,14 @@
 """The command line on a tiny CUB-layout folder: train + evaluate, re-evaluate, and bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_tiny_cub
 
 # The tiny config over two epochs with the kNN monitor after each: the CLI's whole path in seconds.
 TWO_EPOCHS = ("--config=configs/cub.py:tiny", "--config.num_epochs=2", "--config.eval.knn_every_epochs=1")
@@ -100,3 +101,36 @@ def test_evaluation_runs_on_a_device_count_that_does_not_divide_its_batch(tiny_c
     assert "knn_top1" in result.stdout.split("epoch 1/1")[1].splitlines()[0]  # the kNN monitor ran
     features = np.load(os.path.join(workdir, "eval", "features.npz"))
     assert features["train_features"].shape[0] == 18 and features["test_features"].shape[0] == 9
+
+
+def test_tilde_paths_and_evaluating_after_the_data_moved(tmp_path):
+    """`~` in --workdir, data.manual_dir and data.data_dir means $HOME (never a folder named '~' here), and
+    `evaluate` takes overrides of data paths and evaluation knobs, refusing any that changes what trained."""
+    home = tmp_path / "home"
+    write_tiny_cub(str(home / "CUB_200_2011"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(home))
+
+    def cli(module, *args):
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=str(tmp_path), env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    result = cli("fgpair_jax.main", f"--config={os.path.join(REPO, 'configs', 'cub.py')}:tiny", "--workdir=~/run",
+                 "--config.data.manual_dir=~/CUB_200_2011", "--config.data.data_dir=~/tfds")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "~")
+    assert (home / "run" / "eval" / "metrics.json").exists() and (home / "tfds").is_dir()
+
+    os.rename(home / "CUB_200_2011", home / "moved")
+    shutil.rmtree(home / "tfds")  # the built copy is gone too: evaluation must rebuild from the moved folder
+    result = cli("fgpair_jax.evaluate", "--workdir=~/run")
+    assert result.returncode == 2 and "config.data.manual_dir" in last_error_line(result), result.stderr[-2000:]
+    result = cli("fgpair_jax.evaluate", "--workdir=~/run", "--config.data.manual_dir=~/moved",
+                 "--config.eval.knn_k=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(home / "run" / "eval" / "metrics.json") as f:
+        assert 0 <= json.load(f)["knn_top1"] <= 100
+    result = cli("fgpair_jax.evaluate", "--workdir=~/run", "--config.data.manual_dir=~/moved",
+                 "--config.optim.learning_rate=0.5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_error_line(result).startswith("error: config.optim.learning_rate defines what this run trained")
+    assert "Traceback" not in result.stderr

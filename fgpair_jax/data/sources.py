@@ -13,7 +13,7 @@ LOADERS = {"cub": cub.load_cub_sources}
 
 def resolve_data_dir(config, workdir: str) -> str:
     """`config.data.data_dir`, else $TFDS_DATA_DIR, else `<workdir>/tfds` (built once, reused on resume)."""
-    return config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(workdir, "tfds")
+    return config.data.data_dir or os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "")) or os.path.join(workdir, "tfds")
 
 
 def check_name(name: str) -> None:
