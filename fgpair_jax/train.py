@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from fgpair_jax import (checkpointing, distributed, evaluate, features, numerics, parallel, preemption, preflight,
                         run, run_config, viz)
@@ -108,12 +109,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                if k != "step"})
     finally:
         writer.close()
-    figures = viz.write_figures(config, workdir, state, sources["test"])
+    figures = _figures_without_losing_the_metrics(config, workdir, state, sources)
     if figures:
         announce(f"Figures: {', '.join(figures)}")
     announce(evaluate.summary_line(metrics))
     announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
     return metrics
+
+
+def _figures_without_losing_the_metrics(config, workdir, state, sources) -> list:
+    """`viz.write_figures`, run after the metrics are written: figures are diagnostics, so a failure there
+    is a one-line warning (its traceback in the log) and the run still ends with its metrics returned."""
+    try:
+        return viz.write_figures(config, workdir, state, sources["test"])
+    except Exception as error:  # noqa: BLE001 -- anything; the metrics on disk must not be lost to it
+        logging.info("Writing the figures failed", exc_info=True)
+        announce(f"Warning: the figures failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                 "eval/metrics.json is written. The traceback is logged at --verbosity=0.")
+        return []
 
 
 def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpointer, writer, stop_requests):
@@ -149,6 +162,8 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
             scalars = jax.device_get(metrics)
             rate = progress.update(step, float(scalars["loss"]))
             writer.write_scalars(step, dict(scalars, images_per_second=rate))
+        if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
+            save(step)  # before the epoch's kNN monitor: a failure there must not lose the epoch
         if step % steps_per_epoch == 0:
             epoch, now = step // steps_per_epoch, time.perf_counter()
             rate = (step - epoch_start_step) * config.global_batch_size / (now - epoch_start_time)
@@ -159,8 +174,6 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
                 writer.write_scalars(step, {"knn_top1": knn})
             progress.write(_epoch_summary(epoch, config.num_epochs, step, means, rate, now - start_time, knn))
             epoch_metrics, epoch_start_time, epoch_start_step = [], time.perf_counter(), step
-        if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
-            save(step)
         reason = stop_requests.reason(checkpointer, step)
         if reason:
             save(step, force=True)

@@ -28,7 +28,7 @@ from fgpair_jax import contrastive, gradcam, synthesis
 from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import moco
 from fgpair_jax.models import feature_dim
-from fgpair_jax.models.decoder import Decoder, SpatialDecoder
+from fgpair_jax.models.decoder import Decoder, SpatialDecoder, decoder_geometry
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
 eval_features = moco.eval_features
@@ -319,6 +319,11 @@ def validate(config) -> None:
         raise ConfigError(f"config.fgpair.variance_ema_decay={c.variance_ema_decay} must lie in [0, 1).")
     if c.pair_stride < 1:
         raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} must be >= 1 (1 = every image gets a pair).")
+    if c.decode_from == "pooled":  # the vector decoder doubles a small grid up to the image size exactly
+        try:
+            decoder_geometry(config.data.image_size)
+        except ValueError as error:
+            raise ConfigError(f"{error} (fgpair's decoder, fgpair.decode_from='pooled')") from None
     pairs = -(-config.global_batch_size // c.pair_stride)
     if pairs % config.model.bn_groups:
         raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} leaves {pairs} synthesized images per batch, "
