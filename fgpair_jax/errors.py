@@ -21,3 +21,8 @@ class DataError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the run needs does not exist (data, weights, a workdir's checkpoint)."""
+
+
+class DataWriteError(UserError, OSError):
+    """A data build its storage refuses (no space, quota, read-only, not a folder); nothing of it was kept,
+    and a later build starts afresh."""

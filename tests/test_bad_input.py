@@ -6,10 +6,12 @@ errors must be one line naming the cause and `config.data.manual_dir`; odd image
 broken ones skipped with a counted warning at build time, so that the train and eval pipelines never
 meet an unreadable image mid-run.
 """
+import errno
 import io
 import logging
 import os
 import shutil
+import types
 import unicodedata
 
 import numpy as np
@@ -18,6 +20,7 @@ from PIL import Image, ImageFile
 
 from conftest import tiny_config, write_tiny_cub
 from fgpair_jax.data import cub, pipeline
+from fgpair_jax.errors import UserError
 
 
 def _one_line_error(excinfo, *fragments):
@@ -387,3 +390,211 @@ def test_bad_data_folder_leaves_an_existing_runs_checkpoint_and_results_alone(tm
     _one_line_error(excinfo, "is empty", "config.data.manual_dir")
     after = {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == kept
+
+
+# ---------------------------------------------------------------- index files from other editors, odd folders
+
+
+@pytest.mark.parametrize("file_name", cub.INDEX_FILES)
+def test_index_file_with_a_utf8_byte_order_mark_is_read(tmp_path, file_name):
+    """Windows Notepad and Excel save 'UTF-8' with a byte order mark: line 1 used to be "not '<id> <value>'"."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    path = os.path.join(root, file_name)
+    text = open(path, encoding="utf-8").read()
+    open(path, "w", encoding="utf-8-sig").write(text)
+    assert open(path, "rb").read(3) == b"\xef\xbb\xbf"
+    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert info.split_sizes == {"train": 6, "test": 3} and info.class_ids == (2, 5, 9)
+    assert info.skipped_files == {"train": (), "test": ()}
+    assert sorted(int(sources["train"][i]["image_id"]) for i in range(6)) == [1, 2, 4, 5, 7, 8]
+
+
+def test_an_index_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    os.remove(os.path.join(root, "classes.txt"))
+    os.mkdir(os.path.join(root, "classes.txt"))  # e.g. an archive tool's odd output
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, "classes.txt cannot be read (Is a directory)", "config.data.manual_dir")
+
+
+def test_index_files_changing_while_the_build_starts_is_one_line(tmp_path, monkeypatch):
+    """The index files are read twice: when the build's name is made and when it starts (possibly after
+    waiting for another process's build). A change in between used to be a bare ValueError."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    real = cub.index_fingerprint
+    calls = []
+
+    def changing(manual_dir):
+        calls.append(manual_dir)
+        return real(manual_dir) if len(calls) == 1 else "0123456789"
+
+    monkeypatch.setattr(cub, "index_fingerprint", changing)
+    with pytest.raises(cub.DataError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, "index files changed", "nothing was built", "rerun")
+
+
+def test_names_differing_only_in_letter_case_are_missing_with_a_hint(tmp_path, caplog):
+    """'.JPG' on disk for '.jpg' in images.txt stays a missing image (names match exactly or across Unicode
+    normal forms only), but the warning says what is on disk instead of leaving the user to guess."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    upper = FIRST[:-4] + ".JPG"
+    os.rename(os.path.join(root, "images", FIRST), os.path.join(root, "images", upper))
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        _, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert info.skipped_by_reason == {"train": {"missing": (FIRST,)}, "test": {}}
+    warning = next(m for m in caplog.messages if "missing images" in m)
+    assert "\n" not in warning
+    assert f"skipped 1 missing images: {FIRST} (1 of them is on disk in another letter case, e.g. " \
+           f"{upper!r} for {FIRST!r}: correct images.txt or rename the files)" in warning
+
+
+def test_a_split_without_any_file_on_disk_fails_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """Which listed files exist is known before the first image is read: a test split with none used to be
+    found only after the whole train split had been decoded (minutes on the full CUB)."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    for class_id in (2, 5, 9):
+        os.remove(os.path.join(root, "images", f"{class_id:03d}.Bird_{class_id}", f"Bird_{class_id}_0002.jpg"))
+    decoded = []
+    real = cub.load_rgb_jpeg
+    monkeypatch.setattr(cub, "load_rgb_jpeg", lambda *args: decoded.append(args) or real(*args))
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(data_dir))
+    _one_line_error(excinfo, "none of the 3 test images", "could be read from images/", "3 missing",
+                    "config.data.manual_dir")
+    assert decoded == []
+    assert not any(name.startswith("incomplete.") or name[0].isdigit()
+                   for _, folders, _ in os.walk(data_dir) for name in folders)
+
+
+# ---------------------------------------------------------------- the disk the build is written to
+
+
+def _fail_writing_the_test_split(monkeypatch, error):
+    """The ArrayRecord writer raises `error` after storing one example of the test split (the train split,
+    written first, is complete inside TFDS's incomplete.* folder by then)."""
+    from tensorflow_datasets.core import file_adapters
+
+    adapter = file_adapters.ArrayRecordFileAdapter
+    real = adapter.write_examples.__func__
+
+    def write_examples(cls, path, iterator):
+        if "-test." not in os.fspath(path):
+            return real(cls, path, iterator)
+        next(iter(iterator))
+        raise error
+
+    monkeypatch.setattr(adapter, "write_examples", classmethod(write_examples))
+
+
+def _write_to_dev_full(monkeypatch):
+    """The real writer, writing every shard to /dev/full: the failure a full disk gives (a RuntimeError from
+    array_record's C++ writer whose text holds the operating system's reason)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    from tensorflow_datasets.core import file_adapters
+
+    adapter = file_adapters.ArrayRecordFileAdapter
+    real = adapter.write_examples.__func__
+    monkeypatch.setattr(adapter, "write_examples", classmethod(lambda cls, path, it: real(cls, "/dev/full", it)))
+
+
+@pytest.mark.parametrize("fail, reason", [
+    (lambda mp, path: _fail_writing_the_test_split(mp, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)),
+     os.strerror(errno.ENOSPC)),
+    (lambda mp, path: _fail_writing_the_test_split(mp, OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), path)),
+     os.strerror(errno.EDQUOT)),
+    (lambda mp, path: _write_to_dev_full(mp), os.strerror(errno.ENOSPC)),
+], ids=["enospc", "edquot", "dev_full"])
+def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing_half_built(tmp_path, monkeypatch, fail, reason):
+    """It used to end in a 64-line TFDS traceback (exit 1). Now: one line naming the folder written, the cause
+    and the fix; no incomplete.* folder or partial build is left; the build then succeeds once there is room."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    data_dir = str(tmp_path / "tfds")
+    with monkeypatch.context() as patched:
+        fail(patched, data_dir)
+        with pytest.raises(OSError) as excinfo:
+            cub.load_cub_sources(root, data_dir)
+    assert isinstance(excinfo.value, UserError)
+    _one_line_error(excinfo, f"TFDS data_dir {data_dir!r}", f"({reason})", "Free space there",
+                    "config.data.data_dir", "$TFDS_DATA_DIR", "nothing of it was kept")
+    walked = [(os.path.relpath(top, data_dir), folders, files) for top, folders, files in os.walk(data_dir)]
+    assert [file for _, _, files in walked for file in files if not file.endswith(".lock")] == [], walked
+    assert not [name for _, folders, _ in walked for name in folders if "incomplete." in name], walked
+
+    _, info = cub.load_cub_sources(root, data_dir)
+    assert info.split_sizes == {"train": 6, "test": 3}
+
+
+def test_not_enough_free_space_for_the_images_fails_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """How much the build stores is known before it starts (valid RGB JPEGs are stored byte for byte): a disk
+    with less room than the listed images take is refused before minutes of decoding are spent."""
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    decoded = []
+    real = cub.load_rgb_jpeg
+    monkeypatch.setattr(cub, "load_rgb_jpeg", lambda *args: decoded.append(args) or real(*args))
+    monkeypatch.setattr(cub.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=10**9 - 100,
+                                                                                      free=100))
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(OSError) as excinfo:
+        cub.load_cub_sources(root, data_dir)
+    _one_line_error(excinfo, f"TFDS data_dir {data_dir!r}", "100 bytes are free", "Free space there",
+                    "config.data.data_dir", "$TFDS_DATA_DIR")
+    assert decoded == []
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_line_naming_it(tmp_path):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    data_dir = tmp_path / "tfds"
+    data_dir.write_text("a file where the data folder should be")
+    with pytest.raises(OSError) as excinfo:
+        cub.load_cub_sources(root, str(data_dir))
+    _one_line_error(excinfo, f"TFDS data_dir {str(data_dir)!r}", "(Not a directory)", "config.data.data_dir",
+                    "$TFDS_DATA_DIR")
+
+
+FULL_DISK_CLI = """
+import os, runpy, sys
+from tensorflow_datasets.core import file_adapters
+adapter = file_adapters.ArrayRecordFileAdapter
+real = adapter.write_examples.__func__
+adapter.write_examples = classmethod(lambda cls, path, it: real(cls, "/dev/full", it))
+sys.argv = ["fgpair_jax.main", *sys.argv[1:]]
+runpy.run_module("fgpair_jax.main", run_name="__main__")
+"""
+
+
+def test_a_full_disk_during_the_build_is_one_line_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    data_dir = str(tmp_path / "tfds")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CLI, "--config=configs/cub.py:tiny", f"--workdir={tmp_path / 'run'}",
+         f"--config.data.manual_dir={root}", f"--config.data.data_dir={data_dir}"],
+        cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"TFDS data_dir {data_dir!r} (No space left on device)" in errors[0], result.stderr
+
+
+def test_a_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch):
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
+    real = os.listdir
+
+    def refusing(path="."):
+        if os.fspath(path) == root:
+            raise PermissionError(13, "Permission denied", root)
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", refusing)  # as for a folder of another user (the tests may run as root)
+    with pytest.raises(ValueError) as excinfo:
+        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, f"CUB folder {root!r}: cannot be listed (Permission denied)", "config.data.manual_dir")

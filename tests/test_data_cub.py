@@ -251,3 +251,83 @@ def test_two_processes_building_the_same_folder_at_once_build_it_once(cub_folder
     assert sorted(os.listdir(builds)) == sorted([os.path.basename(os.path.dirname(results[0]["dir"])),
                                                  os.path.basename(os.path.dirname(results[0]["dir"])) + ".lock"])
     assert os.listdir(os.path.dirname(results[0]["dir"])) == [os.path.basename(results[0]["dir"])]  # no incomplete.*
+
+
+@pytest.mark.parametrize("already_built", [False, True])
+def test_an_interrupted_builds_incomplete_folder_is_removed_by_the_next_build(cub_folder, tmp_path, caplog,
+                                                                              already_built):
+    """`kill -9` during a build leaves TFDS's temporary folder (incomplete.<random>_<version>) forever. The
+    next load holds the build lock, so no other process is building: it removes the folder, in one line."""
+    root, _ = cub_folder
+    data_dir = str(tmp_path / "tfds")
+    config_dir = os.path.join(data_dir, cub.CubFolder.name, cub.CubFolderConfig.from_folder(root).name)
+    if already_built:
+        cub.load_cub_sources(root, data_dir)
+    stale = [os.path.join(config_dir, f"incomplete.{suffix}_{version}")
+             for suffix, version in (("Q7K2ZP", "1.1.0"), ("AB12CD", "1.0.0"))]
+    for folder in stale:
+        os.makedirs(folder)
+        open(os.path.join(folder, "cub_folder-train.array_record-00000-of-00001"), "wb").write(b"\0" * 100)
+    other_config = os.path.join(data_dir, cub.CubFolder.name, "classes7_0000000000", "incomplete.ZZZZZZ_1.1.0")
+    os.makedirs(other_config)  # another folder's build: its own lock covers it, not this one's
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        _, info = cub.load_cub_sources(root, data_dir)
+    assert info.split_sizes == {"train": 6, "test": 5}
+    assert sorted(os.listdir(config_dir)) == ["1.1.0"]
+    assert os.path.isdir(other_config)
+    messages = [m for m in caplog.messages if "incomplete." in m]
+    assert len(messages) == 1 and "\n" not in messages[0], caplog.messages
+    assert "Removed 2 unfinished build folders left by an interrupted build" in messages[0]
+    assert all(os.path.basename(folder) in messages[0] for folder in stale)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=cub.__name__):
+        cub.load_cub_sources(root, data_dir)
+    assert not [m for m in caplog.messages if "incomplete." in m]
+
+
+def test_each_image_folder_is_listed_once_per_build(tmp_path, monkeypatch):
+    """A name that is not the exact spelling on disk (another Unicode normal form, '.JPG' for '.jpg') used to
+    list and normalise its whole folder again: quadratic (8,000 such names in one folder took over a minute).
+    Now each folder is listed once per build, and names still match across normal forms."""
+    import unicodedata
+
+    from fgpair_jax.data.synthetic import write_tiny_cub
+
+    root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
+    images_dir = os.path.join(root, "images")
+    folder = "002.Bird_2"
+    lines = {name: open(os.path.join(root, name)).read().splitlines()
+             for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt")}
+    for k in range(3):  # the real images of class 2: NFD on disk, NFC in images.txt (a folder from macOS)
+        listed = f"{folder}/Caf\u00e9_{k}.jpg"
+        os.rename(os.path.join(images_dir, folder, f"Bird_2_{k:04d}.jpg"),
+                  os.path.join(images_dir, unicodedata.normalize("NFD", listed)))
+        lines["images.txt"][k] = f"{k + 1} {listed}"
+    for k in range(200):  # '.JPG' on disk, '.jpg' in images.txt: missing, but each one is looked up
+        image_id = 100 + k
+        open(os.path.join(images_dir, folder, f"Extra_{k:03d}.JPG"), "wb").close()
+        lines["images.txt"].append(f"{image_id} {folder}/Extra_{k:03d}.jpg")
+        lines["image_class_labels.txt"].append(f"{image_id} 2")
+        lines["train_test_split.txt"].append(f"{image_id} {k % 2}")
+    for name, rows in lines.items():
+        open(os.path.join(root, name), "w").write("\n".join(rows) + "\n")
+
+    listed = []
+    real_listdir, real_scandir = os.listdir, os.scandir
+
+    def counting(real):
+        def listing(path="."):
+            if os.fspath(path).startswith(images_dir):
+                listed.append(os.path.relpath(os.fspath(path), images_dir))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "listdir", counting(real_listdir))
+    monkeypatch.setattr(os, "scandir", counting(real_scandir))
+    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    assert sorted(listed) == sorted(set(listed)) and folder in listed, listed
+    assert info.split_sizes == {"train": 6, "test": 3}
+    assert len(info.skipped_by_reason["train"]["missing"]) == len(info.skipped_by_reason["test"]["missing"]) == 100
+    stored = {int(sources["train"][i]["image_id"]): sources["train"][i]["file_name"].decode() for i in range(6)}
+    assert stored[1] == f"{folder}/Caf\u00e9_0.jpg"

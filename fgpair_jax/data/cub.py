@@ -19,8 +19,15 @@ and "too large" (more pixels than `max_image_pixels`; default Pillow's decompres
 with no readable image at all is a one-line error. The decode is strict even where PIL has been told to
 accept truncated files. Nothing undecodable can reach training.
 
+Index files are UTF-8, with or without the byte order mark Windows editors (Notepad, Excel) write.
+
 Names: images.txt is matched to the files part by part, exactly first, then across Unicode normal forms
-(NFC/NFD): a folder prepared or unzipped on macOS stores 'é' as 'e' + U+0301, other bytes on Linux.
+(NFC/NFD): a folder prepared or unzipped on macOS stores 'é' as 'e' + U+0301, other bytes on Linux. Each
+folder is listed once per build (`FolderListing`), so the lookup stays linear in the number of names. A name
+found only in another letter case ('.JPG' on disk for '.jpg') stays missing; the warning says so.
+
+Before the first image is decoded, the build checks what it can know: the index files are unchanged, each
+split has at least one listed file on disk, and the disk has at least as much free space as those files take.
 
 Large images: readers decode with Pillow in fresh processes, which refuse more than 2 x
 `PIL.Image.MAX_IMAGE_PIXELS` and warn above it. An image accepted above `STORED_MAX_PIXELS` (possible once
@@ -31,26 +38,35 @@ into a temporary folder and renames it when done, and a second build of the same
 So a build is made under an exclusive lock on a file beside it (`build_lock`): the first process builds, the
 others wait and then reuse the finished build. The lock is `fcntl.flock`, released by the kernel when its
 holder exits (a killed builder leaves no stale lock); hosts sharing the folder over NFS need a working lock
-service (Linux clients map flock onto NFS byte-range locks).
+service (Linux clients map flock onto NFS byte-range locks). A builder killed outright (`kill -9`) leaves TFDS's
+temporary folder (`<config name>/incomplete.<random>_<version>`): the next process to hold the lock removes
+it, saying so in one line.
+
+Full disk: a build the storage refuses (no space, quota, read-only, data_dir not a writable folder) is one
+line (`DataWriteError`) naming data_dir, the reason and the fix, like a checkpoint that cannot be written;
+TFDS removes its temporary folder, so nothing half-built is left and the next build starts afresh.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import io
 import logging
 import os
+import shutil
 import unicodedata
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageFile
+from tensorflow_datasets.core import constants as tfds_constants
 
-from fgpair_jax.errors import ConfigError, DataError, MissingFileError
+from fgpair_jax.errors import ConfigError, DataError, DataWriteError, MissingFileError, UserError
 
 _LOG = logging.getLogger(__name__)
 
@@ -108,7 +124,8 @@ def _read_id_table(manual_dir: str, file_name: str, id_kind: str = "image id") -
     table: dict[int, str] = {}
     line_of: dict[int, int] = {}
     try:
-        with open(os.path.join(manual_dir, file_name), encoding="utf-8") as handle:
+        # utf-8-sig: a byte order mark (Windows Notepad, Excel) is dropped; text without one reads as UTF-8.
+        with open(os.path.join(manual_dir, file_name), encoding="utf-8-sig") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -122,6 +139,9 @@ def _read_id_table(manual_dir: str, file_name: str, id_kind: str = "image id") -
                 table[key], line_of[key] = value, line_number
     except UnicodeDecodeError as error:  # A binary or UTF-16 file: say which one, not a bare codec error.
         problem = f"{file_name} is not UTF-8 text ({error.reason} at byte {error.start})"
+        raise _layout_error(manual_dir, problem) from None
+    except OSError as error:  # a folder under that name, no permission, an I/O error
+        problem = f"{file_name} cannot be read ({error.strerror or type(error).__name__})"
         raise _layout_error(manual_dir, problem) from None
     return table, line_of
 
@@ -144,7 +164,11 @@ def _check_folder_exists(manual_dir: str) -> None:
     if not manual_dir or not os.path.isdir(manual_dir):
         problem = "is a file, not a folder" if manual_dir and os.path.exists(manual_dir) else "does not exist"
         raise MissingFileError(f"CUB folder {manual_dir!r} {problem}; {EXPECTED_LAYOUT}.")
-    if not os.listdir(manual_dir):
+    try:
+        entries = os.listdir(manual_dir)
+    except OSError as error:  # no permission to list it, an I/O error
+        raise _layout_error(manual_dir, f"cannot be listed ({error.strerror or type(error).__name__})") from None
+    if not entries:
         raise MissingFileError(f"CUB folder {manual_dir!r} is empty; {EXPECTED_LAYOUT}.")
     missing = [name for name in (*INDEX_FILES, "images") if not os.path.exists(os.path.join(manual_dir, name))]
     if missing:
@@ -221,30 +245,74 @@ def index_fingerprint(manual_dir: str) -> str:
     return digest.hexdigest()[:_FINGERPRINT_HEX_DIGITS]
 
 
-def find_image(images_dir: str, file_name: str) -> str | None:
+def find_image(images_dir: str, file_name: str, listing: FolderListing | None = None) -> str | None:
     """The path on disk of `file_name` ('/'-separated, relative to `images_dir`), or None if there is none.
 
     Each part is matched exactly first, then across Unicode normal forms (NFC/NFD, see the module docstring).
+    Pass one `FolderListing` for many lookups: each folder is then listed once, not once per name.
     """
+    listing = FolderListing() if listing is None else listing
     path = images_dir
     for part in file_name.split("/"):
-        path = _folder_entry(path, part)
+        path = listing.entry(path, part)
         if path is None:
             return None
     return path
 
 
-def _folder_entry(folder: str, name: str) -> str | None:
-    """`folder/name` if it exists, else the entry of `folder` equal to `name` in NFC (first in sorted order)."""
-    exact = os.path.join(folder, name)
-    if os.path.lexists(exact):
-        return exact
-    wanted = unicodedata.normalize("NFC", name)
-    try:
-        matches = sorted(entry for entry in os.listdir(folder) if unicodedata.normalize("NFC", entry) == wanted)
-    except OSError:  # `folder` is missing or not a folder
-        return None
-    return os.path.join(folder, matches[0]) if matches else None
+class FolderListing:
+    """The entries of folders, each listed and normalised once, for looking up many names.
+
+    A name that is not spelt on disk exactly as listed (another Unicode normal form, or no such file at all)
+    needs the folder's entries; listing the folder again for each such name made a build quadratic in the
+    folder's size (8,000 names in one folder: over a minute). Make one per build: it does not see files that
+    appear later.
+    """
+
+    def __init__(self):
+        self._by_form: dict[str, dict[str, str] | None] = {}  # folder -> {NFC name: entry}, None: not a folder
+        self._by_case: dict[str, dict[str, str]] = {}  # folder -> {casefolded NFC name: entry}
+
+    def _entries(self, folder: str) -> dict[str, str] | None:
+        if folder not in self._by_form:
+            try:
+                entries = sorted(os.listdir(folder))
+            except OSError:  # `folder` is missing or not a folder
+                self._by_form[folder] = None
+            else:
+                by_form: dict[str, str] = {}
+                for entry in entries:  # sorted: of several entries equal in NFC, the first one wins
+                    by_form.setdefault(unicodedata.normalize("NFC", entry), entry)
+                self._by_form[folder] = by_form
+        return self._by_form[folder]
+
+    def entry(self, folder: str, name: str) -> str | None:
+        """`folder/name` if it exists, else the entry of `folder` equal to `name` in NFC (first in sorted order)."""
+        exact = os.path.join(folder, name)
+        if os.path.lexists(exact):
+            return exact
+        match = (self._entries(folder) or {}).get(unicodedata.normalize("NFC", name))
+        return None if match is None else os.path.join(folder, match)
+
+    def other_case(self, images_dir: str, file_name: str) -> str | None:
+        """For a name `find_image` does not find: the file on disk it names in another letter case (the name
+        relative to `images_dir`, e.g. 'a/B.JPG' for 'a/b.jpg'), or None. A hint only: names never match so."""
+        path, parts = images_dir, []
+        for part in file_name.split("/"):
+            found = self.entry(path, part)
+            if found is None:
+                if path not in self._by_case:
+                    by_case: dict[str, str] = {}
+                    for form, entry in sorted((self._entries(path) or {}).items(), key=lambda item: item[1]):
+                        by_case.setdefault(form.casefold(), entry)
+                    self._by_case[path] = by_case
+                entry = self._by_case[path].get(unicodedata.normalize("NFC", part).casefold())
+                if entry is None:
+                    return None
+                found = os.path.join(path, entry)
+            parts.append(os.path.basename(found))
+            path = found
+        return "/".join(parts)
 
 
 def pixel_limit(max_image_pixels: int | None) -> int | None:
@@ -402,27 +470,50 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        """Everything knowable before the first image is decoded is checked here: the index files (unchanged
+        since the config was made), each split's images on disk (at least one), the room to store them."""
         manual_dir = os.fspath(dl_manager.manual_dir)
         index = read_cub_index(manual_dir)
-        if index_fingerprint(manual_dir) != self.builder_config.fingerprint:
-            raise ValueError(f"CUB folder {manual_dir!r} changed since its config was made; rebuild the config.")
+        fingerprint = index_fingerprint(manual_dir)
+        if fingerprint != self.builder_config.fingerprint:
+            raise DataError(
+                f"CUB folder {manual_dir!r}: its index files changed while the build was starting (fingerprint "
+                f"{self.builder_config.fingerprint}, now {fingerprint}); nothing was built. Let whatever is "
+                f"editing the folder finish, then rerun."
+            )
         for split in SPLITS:
             if (split == "train") not in index.is_train:
                 raise _layout_error(manual_dir, f"train_test_split.txt leaves the {split} split empty")
-        return {split: self._generate_examples(manual_dir, index, split) for split in SPLITS}
+        images_dir = os.path.join(manual_dir, "images")
+        listing = FolderListing()  # one listing per folder for all names, both splits (see FolderListing)
+        paths = tuple(find_image(images_dir, name, listing) for name in index.file_names)
+        other_case = {name: listing.other_case(images_dir, name)
+                      for name, path in zip(index.file_names, paths) if path is None}
+        other_case = {name: on_disk for name, on_disk in other_case.items() if on_disk is not None}
+        for split in SPLITS:
+            listed = [(name, path) for name, path, is_train in zip(index.file_names, paths, index.is_train)
+                      if is_train == (split == "train")]
+            if all(path is None for _, path in listed):
+                raise _nothing_readable_error(manual_dir, split, {MISSING: [name for name, _ in listed]}, other_case)
+        _check_room(self.data_dir, paths)
+        return {split: self._generate_examples(manual_dir, index, split, paths, other_case) for split in SPLITS}
 
-    def _generate_examples(self, manual_dir: str, index: CubIndex, split: str):
+    def _generate_examples(self, manual_dir: str, index: CubIndex, split: str, paths: Sequence[str | None],
+                           other_case: Mapping[str, str]):
+        """The split's examples; `paths`: each listed image's file (`find_image`; None: missing), aligned with
+        `index`; `other_case`: {missing name: a file naming it in another letter case} for the warning."""
         label_of_class = {class_id: label for label, class_id in enumerate(index.present_class_ids)}
         skipped: list[tuple[str, str]] = []  # (file name, reason), in image id order
         downscaled: list[str] = []
-        images_dir = os.path.join(manual_dir, "images")
-        for image_id, file_name, class_id, is_train in zip(
-            index.image_ids, index.file_names, index.class_ids, index.is_train
+        for image_id, file_name, path, class_id, is_train in zip(
+            index.image_ids, index.file_names, paths, index.class_ids, index.is_train
         ):
             if is_train != (split == "train"):
                 continue
             try:
-                jpeg, was_downscaled = _read_listed_image(images_dir, file_name, self.builder_config.max_image_pixels)
+                if path is None:
+                    raise UnreadableImage(MISSING)
+                jpeg, was_downscaled = load_rgb_jpeg(path, self.builder_config.max_image_pixels)
             except UnreadableImage as problem:
                 skipped.append((file_name, problem.reason))
                 continue
@@ -435,9 +526,10 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
                 "image_id": image_id,
                 "file_name": file_name,
             }
-        self._record_and_report(manual_dir, index, split, skipped, downscaled)
+        self._record_and_report(manual_dir, index, split, skipped, downscaled, other_case)
 
-    def _record_and_report(self, manual_dir, index, split, skipped: list, downscaled: list) -> None:
+    def _record_and_report(self, manual_dir, index, split, skipped: list, downscaled: list,
+                           other_case: Mapping[str, str]) -> None:
         """Keeps the skipped and downscaled names in the build's metadata and warns once per split and reason;
         a split of which nothing could be stored is a one-line error."""
         every_skip = [name for name, _ in skipped]
@@ -446,17 +538,12 @@ class CubFolder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata[f"skipped_{split}"] = every_skip
         self.info.metadata[f"skipped_{split}_by_reason"] = by_reason
         self.info.metadata[f"downscaled_{split}"] = downscaled
-        counts = ", ".join(f"{len(names)} {reason}" for reason, names in by_reason.items())
         if every_skip and len(every_skip) == sum(flag == (split == "train") for flag in index.is_train):
             # Otherwise TFDS fails with a bare 'No examples were yielded' assertion.
-            raise _layout_error(
-                manual_dir,
-                f"none of the {len(every_skip)} {split} images listed in images.txt could be read from images/ "
-                f"({counts}, e.g. {every_skip[0]!r})",
-            )
+            raise _nothing_readable_error(manual_dir, split, by_reason, other_case)
         for reason, names in by_reason.items():
             _LOG.warning("CUB %s split: skipped %d %s images: %s%s", split, len(names), reason,
-                         ", ".join(names[:_SKIPPED_NAMES_SHOWN]), _HINTS.get(reason, ""))
+                         ", ".join(names[:_SKIPPED_NAMES_SHOWN]), _hint(reason, names, other_case))
         if downscaled:
             _LOG.warning("CUB %s split: stored %d images downscaled to %d pixels (Pillow's limit, so that every "
                          "reader decodes them): %s", split, len(downscaled), STORED_MAX_PIXELS,
@@ -469,13 +556,55 @@ _HINTS = {
 }
 
 
-def _read_listed_image(images_dir: str, file_name: str, max_image_pixels: int | None) -> tuple[bytes, bool]:
-    """`load_rgb_jpeg` of the file images.txt names `file_name` (see `find_image`); UnreadableImage(MISSING)
-    when there is no such file."""
-    path = find_image(images_dir, file_name)
-    if path is None:
-        raise UnreadableImage(MISSING)
-    return load_rgb_jpeg(path, max_image_pixels)
+def _hint(reason: str, names: Sequence[str], other_case: Mapping[str, str]) -> str:
+    """What to add to a count of `names` skipped for `reason`: its fix, or for missing names spelt on disk in
+    another letter case ('.JPG' for '.jpg'; see `FolderListing.other_case`) how many and one example."""
+    if reason != MISSING:
+        return _HINTS.get(reason, "")
+    found = [name for name in names if name in other_case]
+    if not found:
+        return ""
+    verb = "is" if len(found) == 1 else "are"
+    return (f" ({len(found)} of them {verb} on disk in another letter case, e.g. {other_case[found[0]]!r} for "
+            f"{found[0]!r}: correct images.txt or rename the files)")
+
+
+def _nothing_readable_error(manual_dir: str, split: str, by_reason: Mapping[str, Sequence[str]],
+                            other_case: Mapping[str, str]) -> DataError:
+    """No image of `split` can be stored: one line with the count per reason (`by_reason`, non-empty) and the
+    hint of the most common one."""
+    names = [name for reason_names in by_reason.values() for name in reason_names]
+    counts = ", ".join(f"{len(reason_names)} {reason}" for reason, reason_names in by_reason.items())
+    main_reason = max(by_reason, key=lambda reason: len(by_reason[reason]))
+    return _layout_error(
+        manual_dir,
+        f"none of the {len(names)} {split} images listed in images.txt could be read from images/ "
+        f"({counts}, e.g. {names[0]!r}){_hint(main_reason, by_reason[main_reason], other_case)}",
+    )
+
+
+def _check_room(build_dir: str, paths: Sequence[str | None]) -> None:
+    """OSError(ENOSPC) before anything is decoded if the disk of `build_dir` has less free space than the
+    images to store take (a lower bound of the build's size: valid RGB JPEGs are stored byte for byte)."""
+    needed = 0
+    for path in paths:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                needed += os.stat(path).st_size
+    free = shutil.disk_usage(build_dir).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"not enough free space: the images to store take {_size(needed)}, "
+                                    f"{_size(free)} are free")
+
+
+def _size(num_bytes: int) -> str:
+    """'100 bytes', '3.2 kB', '1.1 GB'."""
+    if num_bytes < 1000:
+        return f"{num_bytes} bytes"
+    for unit in ("kB", "MB", "GB", "TB"):
+        num_bytes /= 1000
+        if num_bytes < 1000 or unit == "TB":
+            return f"{num_bytes:.1f} {unit}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,12 +633,21 @@ def load_cub_sources(
     photos deliberately; a raised limit is a build of its own.
     """
     folder_config = CubFolderConfig.from_folder(manual_dir, max_image_pixels)
-    with build_lock(data_dir, folder_config.name):
+    build_folder = _build_folder(data_dir, folder_config.name)
+    with _write_errors_as_one_line(data_dir), build_lock(data_dir, folder_config.name):
+        # Nobody else is building this config now: what an earlier, killed build left is stale.
+        remove_unfinished_builds(build_folder)
         # Made under the lock: a builder reads an existing build's info when it is constructed.
         builder = CubFolder(config=folder_config, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-        )
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+            )
+        except BaseException:
+            # TFDS removes its incomplete.* folder itself; this covers a removal that failed too. A finished
+            # build (renamed to its version folder) is never touched.
+            remove_unfinished_builds(build_folder, report=False)
+            raise
     info = builder.info
     split_sizes = {split: info.splits[split].num_examples for split in SPLITS}
     empty = [split for split, size in split_sizes.items() if size == 0]
@@ -532,7 +670,7 @@ def load_cub_sources(
 def build_lock(data_dir: str, config_name: str):
     """Hold the exclusive lock of the build `config_name` in `data_dir` (see the module docstring); a
     process that has to wait says so once. The lock file is `<data_dir>/cub_folder/<config name>.lock`."""
-    path = os.path.join(data_dir, CubFolder.name, f"{config_name}.lock")
+    path = f"{_build_folder(data_dir, config_name)}.lock"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as handle:
         try:
@@ -549,3 +687,90 @@ def build_lock(data_dir: str, config_name: str):
 def _by_reason(metadata: Mapping, split: str) -> dict[str, tuple[str, ...]]:
     """{reason: file names} skipped from `split`, as recorded in the build's metadata ({} for old builds)."""
     return {reason: tuple(names) for reason, names in metadata.get(f"skipped_{split}_by_reason", {}).items()}
+
+
+def _build_folder(data_dir: str, config_name: str) -> str:
+    """`<data_dir>/cub_folder/<config name>`: the versions of one build, and TFDS's incomplete.* folders."""
+    return os.path.join(data_dir, CubFolder.name, config_name)
+
+
+def remove_unfinished_builds(build_folder: str, report: bool = True) -> list[str]:
+    """Removes TFDS's temporary folders (`incomplete.<random>_<version>`) in `build_folder` and returns their
+    names; with `report`, says so in one line. Call only under the build's lock (`build_lock`): then no other
+    process is writing one, and any there was left by a build that was killed (`kill -9`, a lost node)."""
+    try:
+        names = sorted(name for name in os.listdir(build_folder) if name.startswith(tfds_constants.INCOMPLETE_PREFIX)
+                       and os.path.isdir(os.path.join(build_folder, name)))
+    except OSError:  # no build folder yet
+        return []
+    removed, failed = [], []
+    for name in names:
+        try:
+            shutil.rmtree(os.path.join(build_folder, name))
+            removed.append(name)
+        except OSError as error:
+            failed.append(f"{name} ({error.strerror or type(error).__name__})")
+    if report and removed:
+        _LOG.warning("Removed %d unfinished build folder%s left by an interrupted build in %s: %s", len(removed),
+                     "" if len(removed) == 1 else "s", build_folder, ", ".join(removed))
+    if failed:
+        _LOG.warning("Could not remove unfinished build folders in %s: %s; delete them by hand.", build_folder,
+                     ", ".join(failed))
+    return removed
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+_NEVER_A_READ = (*_NO_ROOM, errno.EROFS)  # reasons only a write can fail with
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)  # a write when the path is in data_dir
+
+
+def write_failure(error: BaseException, data_dir: str) -> tuple[int, str] | None:
+    """(errno, the operating system's reason) if `error`, or an error it was raised from or while handling, is
+    a write into `data_dir` the storage refused (no space, quota, read-only, not a writable folder); else None.
+
+    TFDS re-raises a writer's OSError as a new one without its errno (from the original), and array_record's
+    C++ writer raises a RuntimeError whose text holds the reason ('write() failed: No space left on device'):
+    the whole chain is searched, by errno and by the operating system's wording."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and (error.errno in _NEVER_A_READ or (
+                error.errno in _NOT_WRITABLE and _inside(data_dir, error.filename, error.filename2))):
+            return error.errno, error.strerror or os.strerror(error.errno)
+        for code in _NEVER_A_READ:
+            if os.strerror(code) in str(error):
+                return code, os.strerror(code)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _inside(folder: str, *paths) -> bool:
+    """Whether any of `paths` (None, str or bytes) is `folder` or lies within it."""
+    root = os.path.abspath(folder)
+    for path in paths:
+        if path is None:
+            continue
+        with contextlib.suppress(ValueError, TypeError):
+            if os.path.commonpath([root, os.path.abspath(os.fsdecode(path))]) == root:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _write_errors_as_one_line(data_dir: str):
+    """A build the storage refuses (`write_failure`) becomes one `DataWriteError` naming `data_dir`, the reason
+    and the fix, like a checkpoint that cannot be written (checkpointing.py); anything else passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        failure = write_failure(error, data_dir)
+        if failure is None:
+            raise
+        code, reason = failure
+        fix = ("Free space there, or set config.data.data_dir (or $TFDS_DATA_DIR) to a folder on a disk with room"
+               if code in _NO_ROOM else
+               "Make it a writable folder, or set config.data.data_dir (or $TFDS_DATA_DIR) to one")
+        raise DataWriteError(f"Could not write the CUB build to TFDS data_dir {data_dir!r} ({reason}); nothing of "
+                             f"it was kept. {fix}, then rerun.") from error
