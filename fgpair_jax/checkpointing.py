@@ -9,10 +9,13 @@ directory and renames it when complete), so a run killed mid-save still finds it
 A save that fails (a full disk, a lost mount) raises `CheckpointWriteError`, one line naming the
 directory, the cause and the intact step to resume from.
 
-Restoring walks back: a newer checkpoint that does not restore completely (a file cut short by a torn copy,
-a full disk elsewhere, bad storage) is skipped with one line saying why and moved to `<directory>.damaged/`;
-the newest one that restores is used. If none restores, `CheckpointReadError` says so in one line and
-nothing on disk is changed.
+Restoring walks back over every folder that stands for a step, newest first: one that does not hold a
+complete checkpoint (a file cut short by a torn copy, a full disk elsewhere, bad storage; an empty folder, an
+item missing; orbax's temporary folder of a save that never finished) is skipped with one line naming the step
+and why; training moves it to `<directory>.damaged/`, evaluation only reads. The newest one that restores is
+used. If none restores, `CheckpointReadError` says so in one line and nothing on disk is changed. A step that
+is deleted while it is read (evaluation beside a training run whose `keep_checkpoints` drops old steps) is
+said in one line and the walk starts again from the step that is newest then, a bounded number of times.
 
 Paths: orbax reads parts of a checkpoint path as a glob pattern when it finalises a save, so under a path
 holding `[...]` every save "succeeds" but no checkpoint can ever be restored (renaming the folder afterwards
@@ -21,6 +24,7 @@ does not help). Such paths are refused when the `Checkpointer` is made, before a
 import contextlib
 import inspect
 import os
+import re
 import sys
 from typing import Optional
 
@@ -33,6 +37,9 @@ from fgpair_jax.errors import ConfigError, UserError
 from fgpair_jax.metrics_writer import announce
 
 FORMAT_VERSION = 2  # 2: the data iterator's state is saved beside the train state
+ITEM_NAMES = ("state", "meta", "data")  # the items every checkpoint of FORMAT_VERSION 2 holds
+MAX_RELISTINGS = 3  # times a restore starts again when the step it reads is deleted meanwhile
+TEMPORARY_MARK = ".orbax-checkpoint-tmp"  # orbax writes step N into `N.orbax-checkpoint-tmp[-<time>]`, then renames it
 
 
 class CheckpointWriteError(UserError, OSError):
@@ -46,6 +53,10 @@ class CheckpointReadError(UserError, OSError):
     def __init__(self, message: str, *, cause: str = ""):
         super().__init__(message)
         self.cause = cause
+
+
+class _ListingOutOfDate(Exception):
+    """The step being restored was deleted, or a newer one saved, while it was read: list the steps again."""
 
 
 class CheckpointMismatchError(ConfigError):
@@ -147,14 +158,74 @@ def write_failure_cause(error: BaseException) -> str:
 
 
 # Reasons a read failure means the files are damaged (cut short, missing, unparsable), as tensorstore and
-# orbax word them; any other failure (a storage hiccup, out of memory) may pass, so it moves nothing.
-DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT", "No such file", "Expecting value",
-                  "JSONDecodeError", "Unterminated string", "truncated", "corrupt")
+# orbax word them (compared without case: 'Truncated Zstd stream', 'File ... not found.'); any other failure
+# (a storage hiccup, out of memory) may pass, so it moves nothing.
+DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "not found", "INVALID_ARGUMENT", "No such file",
+                  "Expecting value", "JSONDecodeError", "Unterminated string", "truncated", "corrupt")
 
 
 def looks_damaged(cause: str) -> bool:
     """Whether a restore's failure `cause` (`read_failure_cause`) says the checkpoint's files are damaged."""
-    return any(marker in cause for marker in DAMAGE_MARKERS)
+    return any(marker.lower() in cause.lower() for marker in DAMAGE_MARKERS)
+
+
+_STEP_FOLDER = re.compile(r"(\d+)(" + re.escape(TEMPORARY_MARK) + r".*)?")
+
+
+def step_folders(names) -> list:
+    """(step, name) of each folder name that stands for a step, newest step first (a finished folder before
+    the same step's others): `123` (orbax's finished checkpoint), `123.orbax-checkpoint-tmp` (orbax's folder
+    of a save in progress or killed; older orbax versions append `-<time>`) and any other spelling of the
+    number (`000123`)."""
+    found = [(int(match.group(1)), name) for name in names if (match := _STEP_FOLDER.fullmatch(name))]
+    return sorted(found, key=lambda folder: (-folder[0], unfinished_reason(*folder) is not None, folder[1]))
+
+
+def unfinished_reason(step: int, name: str) -> Optional[str]:
+    """Why the folder `name` of `step` can never restore, whatever it holds; None for orbax's finished name."""
+    if name == str(step):
+        return None
+    if TEMPORARY_MARK in name:
+        return f"its save has not finished ({name} is orbax's temporary folder)"
+    return f"its folder is named {name}, not {step}, so orbax never reads it"
+
+
+def missing_items(step_path: str) -> Optional[str]:
+    """What a step folder lacks of the `ITEM_NAMES` every checkpoint holds (absent, or an empty folder), in
+    words; None when each is there, or when the folder cannot be listed (then the read failure decides).
+    Why: it does not depend on how orbax words the failure of reading an incomplete step."""
+    entries = _entries(step_path)
+    if entries is None:
+        return None
+    if not entries:
+        return "the step folder is empty"
+    lacks = [f"no {item} item" if item not in entries else f"an empty {item} item" for item in ITEM_NAMES
+             if item not in entries or not _entries(os.path.join(step_path, item))]
+    return f"the step folder has {', '.join(lacks)}" if lacks else None
+
+
+def _entries(path: str) -> Optional[list]:
+    """The names in the folder `path`; [] for a file, None when it cannot be listed (gone, no permission)."""
+    try:
+        return os.listdir(path) if os.path.isdir(path) else []
+    except OSError:
+        return None
+
+
+def damage_reason(step_path: str, cause: str) -> Optional[str]:
+    """Why the step at `step_path`, whose restore failed with `cause`, is damaged: an item missing on disk,
+    else `cause` when it names damage (`looks_damaged`). None: nothing says so (the storage may be at fault,
+    so nothing must be moved)."""
+    return missing_items(step_path) or (cause if looks_damaged(cause) else None)
+
+
+def describe_deletion(step: int, gone: bool, newest: Optional[int]) -> str:
+    """One line: the step being read was deleted (`gone`), or failed while step `newest` was saved, by a run
+    training in the same directory; and which step is read instead."""
+    what = "was deleted while it was being read" if gone else f"failed to read while step {newest} was saved"
+    then = f"reading step {newest}, the newest now" if newest is not None else "no checkpoint is left"
+    return (f"Checkpoint step {step} {what} (a run training in this workdir keeps only its newest "
+            f"config.keep_checkpoints steps); {then}.")
 
 
 def read_failure_cause(error: BaseException) -> str:
@@ -179,6 +250,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.expected_fingerprint = expected_fingerprint
         self.restored_step: Optional[int] = None
+        self._restored_data: Optional[dict] = None  # the data position read with `restored_step`'s state
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep(keep), create=True),
@@ -202,29 +274,34 @@ class Checkpointer:
     def restore(self, template_state, step: Optional[int] = None, *, set_aside: bool = True):
         """The state saved at `step`, laid out like `template_state` (shapes, dtypes, shardings).
 
-        Default step: the newest that restores completely (state, data position and fingerprint). Newer
-        ones that do not are announced in one line each and moved to `<directory>.damaged/`, so that the
-        resumed run saves those steps afresh. Sets `restored_step`, whose data state `restore_data_state()`
-        then returns. Raises `CheckpointMismatchError` for another config's checkpoint and
-        `CheckpointReadError` when nothing (or not the `step` asked for) restores; the disk is then untouched.
+        Default step: the newest that restores completely (state, data position and fingerprint). Newer step
+        folders that do not (damaged, incomplete, or orbax's temporary folder of an unfinished save) are
+        announced in one line each and, with `set_aside` (training; evaluation only reads), moved to
+        `<directory>.damaged/`, so that the resumed run saves those steps afresh. A step deleted while it is
+        read is announced and the walk restarts from the newest step then (`MAX_RELISTINGS` times). Sets
+        `restored_step`, whose data state `restore_data_state()` then returns. Raises
+        `CheckpointMismatchError` for another config's checkpoint and `CheckpointReadError` when nothing (or
+        not the `step` asked for) restores, or when the steps keep being deleted; the disk is then untouched.
         """
         if step is None:
-            step, state = self._restore_newest_intact(template_state, set_aside)
+            step, state, data = self._restore_newest_intact(template_state, set_aside)
         else:
-            state = self._restore_one(step, template_state)
-        self.restored_step = step
+            state, data = self._restore_one(step, template_state)
+        self.restored_step, self._restored_data = step, data
         return state
 
     def restore_data_state(self, step: Optional[int] = None) -> dict:
         """The data position saved with `step` (`pipeline.train_position`; grain's `get_state()` in older
-        checkpoints). Default: the step `restore` restored (so state and data position always come from one
-        checkpoint), else the latest."""
+        checkpoints). Default: the step `restore` restored, as read with its state (so state and data position
+        always come from one checkpoint), else the latest."""
+        if step is None and self.restored_step is not None:
+            return self._restored_data
         if step is None:
-            step = self.latest_step() if self.restored_step is None else self.restored_step
+            step = self.latest_step()
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
     def _restore_one(self, step: int, template_state):
-        """The state at `step`; `CheckpointReadError` (one line) if it does not restore completely.
+        """(state, data position) at `step`; `CheckpointReadError` (one line) if it does not restore completely.
 
         The error is raised outside the `except` block, so it does not keep orbax's error (a message of
         hundreds of lines, and frames holding the reads orbax abandoned) alive as its context.
@@ -240,53 +317,92 @@ class Checkpointer:
                                   cause=cause)
 
     def _restore_complete(self, step: int, template_state):
-        """Check the fingerprint, then read every item of `step` (state and data); returns the state."""
+        """Check the fingerprint, then read every item of `step`; returns (state, data position)."""
         self.check_compatible(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
         items = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-        return self.manager.restore(step, args=items)["state"]
+        restored = self.manager.restore(step, args=items)
+        return restored["state"], restored["data"]
+
+    def _step_folders(self) -> list:
+        """`step_folders` of the directory as it is now (finished, temporary and oddly named), newest first."""
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        return step_folders(name for name in names if os.path.isdir(os.path.join(self.directory, name)))
 
     def _restore_newest_intact(self, template_state, set_aside: bool = True):
-        """(step, state) of the newest step that restores completely; newer damaged ones are set aside
-        (`set_aside`; evaluation only reads) and skipped. A failure that does not look like damage
-        (`looks_damaged`) is raised at once: a storage hiccup must not move a good checkpoint away."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        if not steps:
-            raise CheckpointReadError(f"No checkpoint in {self.directory}.")
-        damaged = {}  # step -> why it does not restore
-        for step in steps:
+        """(step, state, data position) of the newest step that restores completely; newer step folders that
+        do not are skipped in one line each and set aside (`set_aside`; evaluation only reads). When the step
+        being read is deleted meanwhile (`_ListingOutOfDate`), that is said in one line and the directory is
+        listed again, at most `MAX_RELISTINGS` times."""
+        for attempt in range(MAX_RELISTINGS + 1):
             try:
-                state = self._restore_one(step, template_state)
-            except CheckpointReadError as error:
-                if not looks_damaged(error.cause):
-                    raise CheckpointReadError(f"{error} Nothing was moved; if the storage is at fault, rerun.",
-                                              cause=error.cause) from None
-                damaged[step] = error.cause
+                step, state, data, skipped = self._walk(self._step_folders(), template_state)
+            except _ListingOutOfDate as change:
+                if attempt < MAX_RELISTINGS:
+                    announce(str(change))
                 continue
-            if set_aside:
-                self._set_aside(damaged, step)
-            else:
-                for skipped, cause in sorted(damaged.items(), reverse=True):
-                    announce(f"Skipped checkpoint step {skipped}: it does not restore ({cause}); read step {step}.")
-            return step, state
+            self._report_skipped(skipped, step, set_aside)
+            return step, state, data
         raise CheckpointReadError(
-            f"No checkpoint in {self.directory} restores (tried step(s) {', '.join(map(str, steps))}; newest: "
-            f"{damaged[steps[0]]}). Nothing was changed; move that folder away to start afresh.",
-            cause=damaged[steps[0]],
+            f"The checkpoint being read in {self.directory} was deleted {MAX_RELISTINGS + 1} times in a row: a run "
+            "training there saves new steps faster than they can be read and deletes old ones (config."
+            "keep_checkpoints). Evaluate when it has finished, or train with a larger keep_checkpoints.")
+
+    def _walk(self, folders: list, template_state):
+        """Try `folders` (`step_folders`, newest first): (step, state, data, skipped) of the first that restores
+        completely, where `skipped` lists (step, folder name, why) of the newer ones that do not.
+
+        Raises `_ListingOutOfDate` (its text: one line saying what happened) when the step being read was
+        deleted, or a newer one saved, meanwhile (a run training in this directory); `CheckpointReadError`
+        when a failure does not look like damage (`damage_reason`: a storage hiccup must not move a good
+        checkpoint away), or when no step restores.
+        """
+        finished = [step for step, name in folders if unfinished_reason(step, name) is None]
+        if not finished:
+            raise CheckpointReadError(f"No checkpoint in {self.directory}.")
+        skipped = []
+        for step, name in folders:
+            why = unfinished_reason(step, name)
+            if why is not None:
+                if step not in finished:  # a killed save of a step saved again later is no concern
+                    skipped.append((step, name, why))
+                continue
+            try:
+                state, data = self._restore_one(step, template_state)
+                return step, state, data, skipped
+            except CheckpointReadError as error:
+                failure = error
+            path = os.path.join(self.directory, name)
+            newest = max((s for s, n in self._step_folders() if unfinished_reason(s, n) is None), default=None)
+            if not os.path.isdir(path) or (newest is not None and newest > finished[0]):
+                raise _ListingOutOfDate(describe_deletion(step, not os.path.isdir(path), newest))
+            damage = damage_reason(path, failure.cause)
+            if damage is None:
+                raise CheckpointReadError(f"{failure} Nothing was moved; if the storage is at fault, rerun.",
+                                          cause=failure.cause)
+            skipped.append((step, name, f"it does not restore ({damage})"))
+        newest_finished = next(why for step, _, why in skipped if step == finished[0])
+        raise CheckpointReadError(
+            f"No checkpoint in {self.directory} restores (tried step(s) {', '.join(map(str, finished))}; newest: "
+            f"{newest_finished}). Nothing was changed; move that folder away to start afresh.",
+            cause=newest_finished,
         )
 
-    def _set_aside(self, damaged: dict, restored_step: int) -> None:
-        """Move each damaged step out of orbax's reach (kept for inspection), one line each. Otherwise the
-        resumed run would skip saving those steps (orbax saves no step <= its latest) and a later resume
-        or evaluation would meet the same damaged files."""
-        for step, cause in sorted(damaged.items(), reverse=True):
-            destination = _unused_path(os.path.join(f"{self.directory}.damaged", str(step)))
+    def _report_skipped(self, skipped: list, restored_step: int, set_aside: bool) -> None:
+        """One line for each skipped (step, folder name, why); with `set_aside`, move each folder out of
+        orbax's reach first (kept for inspection). Otherwise the resumed run would skip saving those steps
+        (orbax saves no step <= its latest) and a later resume or evaluation would meet the same folders."""
+        for step, name, why in skipped:
+            if not set_aside:
+                announce(f"Skipped checkpoint step {step}: {why}; read step {restored_step}.")
+                continue
+            destination = _unused_path(os.path.join(f"{self.directory}.damaged", name))
             if jax.process_index() == 0:
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
-                os.rename(os.path.join(self.directory, str(step)), destination)
-            announce(f"Skipped checkpoint step {step}: it does not restore ({cause}); "
-                     f"moved it to {destination} and restored step {restored_step} instead.")
-        if damaged:
+                os.rename(os.path.join(self.directory, name), destination)
+            announce(f"Skipped checkpoint step {step}: {why}; moved it to {destination} and restored step "
+                     f"{restored_step} instead.")
+        if skipped and set_aside:
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("fgpair_jax: damaged checkpoints set aside")
             self.manager.reload()
@@ -337,9 +453,7 @@ class Checkpointer:
 
     def _finished_steps(self) -> list:
         """Steps whose checkpoint folder is complete on disk (orbax renames a folder only when done)."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+        return sorted(step for step, name in self._step_folders() if unfinished_reason(step, name) is None)
 
 
 def _quiet_abandoned_reads() -> None:

@@ -79,7 +79,8 @@ def fresh_state(config, workdir: str, run_plan: RunPlan, mesh) -> state_lib.Trai
 def restore_or_start(config, workdir: str, run_plan: RunPlan, mesh,
                      checkpointer: checkpointing.Checkpointer) -> Tuple[state_lib.TrainState, Optional[dict]]:
     """(state, data iterator state) of the newest checkpoint that restores, or (`fresh_state`, None) when
-    there is none. Damaged newer steps are skipped and set aside (`Checkpointer.restore`).
+    there is none. Newer step folders that do not restore (damaged, incomplete, orbax's temporary folder of
+    a killed save) are skipped in one line each and set aside (`Checkpointer.restore`).
 
     Raises `ConfigError` (one line, nothing on disk touched) when the checkpoint was written by another
     config: another model or method, other shapes, or another value of a key that defines training
@@ -92,7 +93,10 @@ def restore_or_start(config, workdir: str, run_plan: RunPlan, mesh,
 
 
 def restore_latest(config, workdir: str, num_train_examples: int, mesh) -> state_lib.TrainState:
-    """The latest checkpointed state of a run (for re-evaluation); `MissingFileError` if there is none."""
+    """The newest checkpointed state of a run that restores (for re-evaluation); `MissingFileError` if there is
+    none. It moves no file: newer step folders that do not restore are skipped in one line each, and a step
+    deleted while it is read (a run still training there, with its `keep_checkpoints`) is said in one line and
+    replaced by the newest step then (`Checkpointer.restore`)."""
     run_plan = plan(config, num_train_examples, mesh)
     checkpointer = open_checkpoints(config, workdir, run_plan)
     try:

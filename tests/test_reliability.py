@@ -322,3 +322,180 @@ def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(tmp_path):
     with pytest.raises(checkpointing.CheckpointReadError, match=r"^Checkpoint step 2 in .* does not restore \("):
         checkpointer.restore(tiny_state(0), step=2)  # an explicit step is not walked back from
     checkpointer.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Restoring while the directory changes (evaluation beside a training run), incomplete step folders, Ctrl-C.
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A checkpoint directory holding intact steps 1, 2 and 3 (saved once; tests copy it)."""
+    directory = str(tmp_path_factory.mktemp("three_steps") / "checkpoints")
+    save_steps(directory, (1, 2, 3))
+    return directory
+
+
+def skip_lines(out: str) -> list:
+    return [line for line in out.splitlines() if "checkpoint" in line.lower()]
+
+
+@pytest.mark.parametrize("how", ["training saved a newer step and deleted it", "its folder was deleted"])
+def test_evaluation_reads_the_newest_step_when_the_chosen_one_is_deleted_meanwhile(tmp_path, three_steps,
+                                                                                   monkeypatch, capsys, how):
+    """The issue: evaluation picked step 3, then training's keep_checkpoints deleted it; evaluation blamed
+    the storage. Now it says what happened in one line and reads the step that is newest now."""
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(three_steps, directory)
+    check_compatible, calls = checkpointing.Checkpointer.check_compatible, []
+
+    def step_deleted_between_listing_and_reading(self, step):
+        if not calls:  # once: a training run with keep_checkpoints=1 saves step 4, orbax deletes 1-3
+            if how.startswith("training"):
+                save_steps(directory, (4,), keep=1)
+            else:
+                shutil.rmtree(os.path.join(directory, str(step)))
+        calls.append(step)
+        return check_compatible(self, step)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "check_compatible", step_deleted_between_listing_and_reading)
+    checkpointer = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    restored = checkpointer.restore(tiny_state(0), set_aside=False)  # as run.restore_latest reads
+    checkpointer.close()
+    expected = 4 if how.startswith("training") else 2
+    np.testing.assert_array_equal(restored["w"], tiny_state(expected)["w"])
+    assert checkpointer.restored_step == expected and calls[0] == 3
+    lines = skip_lines(capsys.readouterr().out)
+    assert len(lines) == 1 and lines[0].startswith("Checkpoint step 3 was deleted while it was being read"), lines
+    assert f"reading step {expected}, the newest now" in lines[0] and "storage" not in lines[0]
+    assert not os.path.exists(f"{directory}.damaged")
+
+
+def test_evaluation_gives_up_in_one_line_when_every_chosen_step_is_deleted(tmp_path, three_steps, monkeypatch):
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(three_steps, directory)
+    check_compatible, saved = checkpointing.Checkpointer.check_compatible, [3]
+
+    def a_new_step_before_every_read(self, step):
+        saved.append(saved[-1] + 1)
+        save_steps(directory, saved[-1:], keep=1)
+        return check_compatible(self, step)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "check_compatible", a_new_step_before_every_read)
+    checkpointer = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    with pytest.raises(checkpointing.CheckpointReadError) as raised:
+        checkpointer.restore(tiny_state(0), set_aside=False)
+    checkpointer.close()
+    message = str(raised.value)
+    assert "\n" not in message and "deleted" in message and "keep_checkpoints" in message, message
+    assert len(saved) <= 2 + checkpointing.MAX_RELISTINGS
+
+
+def _copy_of_step_3(directory: str, name: str, *removed: str) -> None:
+    """Step 3's folder copied as `name`, without the paths `removed` (relative to it)."""
+    shutil.copytree(os.path.join(directory, "3"), os.path.join(directory, name))
+    for path in removed:
+        path = os.path.join(directory, name, path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+INCOMPLETE_STEP_4 = {  # how a newest step can be left incomplete -> the folder it leaves
+    "empty folder": lambda d: os.mkdir(os.path.join(d, "4")) or "4",
+    "only the state item": lambda d: _copy_of_step_3(d, "4", "meta", "data") or "4",
+    "no data item": lambda d: _copy_of_step_3(d, "4", "data") or "4",
+    "no state item": lambda d: _copy_of_step_3(d, "4", "state") or "4",
+    "an empty state item": lambda d: (_copy_of_step_3(d, "4", "state"), os.mkdir(os.path.join(d, "4", "state")))
+    and "4",
+    "the data item's file missing": lambda d: _copy_of_step_3(d, "4", os.path.join("data", "metadata")) or "4",
+    "the state's ocdbt files missing": lambda d: _copy_of_step_3(d, "4", os.path.join("state", "ocdbt.process_0"))
+    or "4",
+    "orbax's empty temporary folder": lambda d: os.mkdir(os.path.join(d, "4.orbax-checkpoint-tmp"))
+    or "4.orbax-checkpoint-tmp",
+    "older orbax's temporary folder, never renamed": lambda d: _copy_of_step_3(d, "4.orbax-checkpoint-tmp-1754000001")
+    or "4.orbax-checkpoint-tmp-1754000001",
+    "a zero-padded name": lambda d: os.mkdir(os.path.join(d, "000004")) or "000004",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(INCOMPLETE_STEP_4))
+@pytest.mark.parametrize("reader", ["training", "evaluation"])
+def test_an_incomplete_newest_step_folder_is_skipped_in_one_line(tmp_path, three_steps, capsys, damage, reader):
+    """Every way a newest step folder can be incomplete falls back to the newest intact step with one line
+    naming the skipped step; training sets the folder aside (and saves the step afresh), evaluation moves
+    nothing."""
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(three_steps, directory)
+    folder = INCOMPLETE_STEP_4[damage](directory)
+    before = sorted(os.listdir(directory))
+    checkpointer = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    restored = checkpointer.restore(tiny_state(0), set_aside=reader == "training")
+    np.testing.assert_array_equal(restored["w"], tiny_state(3)["w"])
+    assert checkpointer.restored_step == 3 and checkpointer.restore_data_state() == {"next_index": 3}
+    lines = skip_lines(capsys.readouterr().out)
+    assert len(lines) == 1 and lines[0].startswith("Skipped checkpoint step 4: "), lines
+    if reader == "evaluation":
+        assert lines[0].endswith("; read step 3.") and sorted(os.listdir(directory)) == before
+        assert not os.path.exists(f"{directory}.damaged")
+        checkpointer.close()
+        return
+    assert f"moved it to {directory}.damaged/{folder} and restored step 3 instead." in lines[0]
+    assert os.listdir(f"{directory}.damaged") == [folder] and folder not in os.listdir(directory)
+    assert checkpointer.save(4, tiny_state(4), {"next_index": 4})  # the resumed run saves step 4 afresh
+    checkpointer.close()
+    reopened = checkpointing.Checkpointer(directory, 10, FINGERPRINT)
+    np.testing.assert_array_equal(reopened.restore(tiny_state(0))["w"], tiny_state(4)["w"])
+    assert reopened.restored_step == 4 and not skip_lines(capsys.readouterr().out)
+    reopened.close()
+
+
+def test_a_first_ctrl_c_requests_a_stop_and_a_second_interrupts_at_once():
+    from fgpair_jax import preemption
+
+    with preemption.StopRequests() as stop_requests:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs between bytecodes of the main thread
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C interrupted at once")
+        assert stop_requests.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_the_rerun_resumes(tmp_path):
+    """The issue: Ctrl-C (SIGINT to the terminal's process group, grain's worker processes included) printed
+    three KeyboardInterrupt tracebacks and saved nothing. Now it is SIGTERM's clean stop."""
+    data = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=16, test_per_class=2)
+    workdir = str(tmp_path / "run")
+    overrides = ["--config.method=moco", "--config.num_epochs=40", "--config.eval.knn_every_epochs=0",
+                 f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.worker_count=2"]
+
+    def interrupt_after_step(after: int, name: str):
+        """Run the command in its own process group; Ctrl-C it once step `after` is logged."""
+        out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen(kill_resume.command(workdir, data, overrides), cwd=REPO, stdout=stdout,
+                                       stderr=stderr, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                       start_new_session=True)
+            while process.poll() is None and kill_resume.logged_steps(workdir) <= after:
+                time.sleep(0.01)
+            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            code = process.wait(timeout=300)
+        return code, out.read_text(), err.read_text()
+
+    code, out, err = interrupt_after_step(0, "first")
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    stopped = [line for line in out.splitlines() if line.startswith("Stopped by SIGINT at step ")]
+    assert len(stopped) == 1, out[-2000:]
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+    assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+
+    code, out, err = interrupt_after_step(step, "rerun")
+    assert code == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert f"Resumed from step {step} in " in out, out[-2000:]
+    again = [line for line in out.splitlines() if line.startswith("Stopped by SIGINT at step ")]
+    assert len(again) == 1 and int(again[0].split("at step ")[1].split(":")[0]) > step, out[-2000:]
