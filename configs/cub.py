@@ -52,6 +52,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes decoding on the host (0 = in the main process)
     c.data.max_image_pixels = ml_collections.config_dict.placeholder(int)  # None: Pillow's limit; larger images kept deliberately
 
+    c.nuisance = ml_collections.ConfigDict()  # the test bed's mechanism control (data/nuisance.py); off by default
+    c.nuisance.kind = "none"  # none | panel: each view shrunk onto a per-image random tile panel, plus a tint
+    c.nuisance.views = "shared"  # shared (both views carry the image's own) | resampled (the oracle augmentation)
+    c.nuisance.crop_fraction = 0.75  # side of the shrunk view inside the panel
+    c.nuisance.tiles = 4  # the panel: tiles x tiles random colours
+    c.nuisance.tint_std = 0.1  # per-image RGB offset, std in [0, 1] pixel units
+
     c.augment = ml_collections.ConfigDict()  # photometric, on device (MoCo v2 values)
     c.augment.jitter_prob = 0.8  # ColorJitter probability
     c.augment.brightness = 0.4  # ColorJitter brightness

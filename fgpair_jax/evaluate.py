@@ -112,8 +112,8 @@ def evaluate_state(config, workdir: str, state, sources, info, mesh) -> dict:
     batch_stats = state.batch_stats
     if config.eval.recompute_bn_stats:
         batch_stats = features.recalibrated_batch_stats(state.params, batch_stats, sources["train"], config, mesh)
-    train = features.extract_features(feature_fn, state.params, batch_stats, sources["train"], config, mesh)
-    test = features.extract_features(feature_fn, state.params, batch_stats, sources["test"], config, mesh)
+    train = features.extract_features(feature_fn, state.params, batch_stats, sources["train"], config, mesh, "train")
+    test = features.extract_features(feature_fn, state.params, batch_stats, sources["test"], config, mesh, "test")
     metrics = compute_metrics(*train, *test, config, info.num_classes)
     metrics["step"] = int(jax.device_get(state.step))
     if metrics["linear_weight_decay_at_grid_edge"]:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fgpair_jax import parallel
-from fgpair_jax.data import augment, pipeline
+from fgpair_jax.data import augment, nuisance, pipeline
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import get_method
@@ -47,12 +47,15 @@ def announce_eval_batch_size(config) -> None:
                  f"multiple of the {jax.device_count()} devices (the added rows are masked padding).")
 
 
-def split_batches(source, config):
-    """This process's share of every global evaluation batch of `source` (`pipeline.eval_batches`)."""
+def split_batches(source, config, split: str = "test"):
+    """This process's share of every global evaluation batch of `source` (`pipeline.eval_batches`), the
+    `split` ("train" or "test": the one SSL trains on, or the evaluated one) naming whose images these are,
+    so that each carries its own nuisance when `config.nuisance` is on (`data/nuisance.py`)."""
     return pipeline.eval_batches(
         source, batch_size=eval_batch_size(config), image_size=config.data.image_size,
         crop_fraction=config.data.eval_crop_fraction, process_index=jax.process_index(),
-        process_count=jax.process_count(), worker_count=config.data.worker_count)
+        process_count=jax.process_count(), worker_count=config.data.worker_count,
+        nuisance=nuisance.Nuisance.of_config(config), nuisance_stream=nuisance.stream_of(split))
 
 
 def _on_mesh(fn, mesh):
@@ -70,10 +73,11 @@ def make_feature_fn(config, mesh):
         params, batch_stats, augment.normalize(images, mean, std), config), mesh)
 
 
-def extract_features(feature_fn, params, batch_stats, source, config, mesh):
-    """(features [N, D] float32, labels [N] int32) of every example of `source`, in source order."""
+def extract_features(feature_fn, params, batch_stats, source, config, mesh, split: str = "test"):
+    """(features [N, D] float32, labels [N] int32) of every example of `source` (the `split` named, see
+    `split_batches`), in source order."""
     features, labels, indices = [], [], []
-    for batch in split_batches(source, config):
+    for batch in split_batches(source, config, split):
         images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
         out = np.asarray(jax.device_get(feature_fn(params, batch_stats, images)))
         # Every process sees the replicated global result; keep the valid rows of the global batch.
@@ -91,8 +95,8 @@ def extract_features(feature_fn, params, batch_stats, source, config, mesh):
 def knn_monitor(feature_fn, state, sources, config, mesh, num_classes) -> float:
     """Weighted kNN top-1 (percent) of `state`'s encoder, train -> eval split: the cheap quality signal
     logged during training."""
-    train = extract_features(feature_fn, state.params, state.batch_stats, sources["train"], config, mesh)
-    test = extract_features(feature_fn, state.params, state.batch_stats, sources["test"], config, mesh)
+    train = extract_features(feature_fn, state.params, state.batch_stats, sources["train"], config, mesh, "train")
+    test = extract_features(feature_fn, state.params, state.batch_stats, sources["test"], config, mesh, "test")
     return knn_top1(*train, *test, k=config.eval.knn_k, temperature=config.eval.knn_temperature,
                     num_classes=num_classes)
 
@@ -131,7 +135,7 @@ def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
 
     zeros, ones = starting_from(0.0), starting_from(1.0)
     total, momentum = None, None
-    for index, batch in zip(range(num_batches), split_batches(source, config)):
+    for index, batch in zip(range(num_batches), split_batches(source, config, "train")):
         images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
         scaled = statistics_fn(params, zeros, images)  # (1 - m) * this batch's statistics
         if index == 0:

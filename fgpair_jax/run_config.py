@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from fgpair_jax import numerics
-from fgpair_jax.data import cub, sources as data_sources, splits
+from fgpair_jax.data import cub, nuisance, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import get_method
@@ -46,6 +46,11 @@ KEYS_ADDED_SINCE = {
     # Runs before LCR was ported exactly (1x1 conv D -> 1, softmax over positions): 0 marks them, and
     # `methods/lcr.py` refuses to resume or evaluate such an lcr run in one line.
     "moco.head": "mlp",
+    "nuisance.kind": "none",
+    "nuisance.views": "shared",
+    "nuisance.crop_fraction": 0.75,
+    "nuisance.tiles": 4,
+    "nuisance.tint_std": 0.1,
     "lcr.nu": 0.01,
     "lcr.attention_channels": 0,
     "lcr.eval_minmax": "batch",
@@ -88,6 +93,8 @@ def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         *parents, leaf = dotted.split(".")
         node = config
         for parent in parents:
+            if parent not in node:  # a block added since, e.g. `nuisance`
+                node[parent] = ml_collections.ConfigDict()
             node = node[parent]
         node[leaf] = value
     return config
@@ -191,6 +198,7 @@ def validate(config) -> None:
            f"config.model.bn_groups={config.model.bn_groups} must divide config.global_batch_size="
            f"{config.global_batch_size} (each batch-norm group normalises its own slice).")
     data_sources.check_name(config.data.name)
+    nuisance.validate(nuisance.Nuisance.of_config(config))
     splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
     numerics.check_policy(config.on_nonfinite)
     _check(config.optim.name == "sgd", f"config.optim.name={config.optim.name!r} is not supported; use 'sgd'.")

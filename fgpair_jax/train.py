@@ -15,7 +15,7 @@ from absl import logging
 from fgpair_jax import (checkpointing, distributed, evaluate, features, numerics, parallel, preemption, preflight,
                         run, run_config, viz)
 from fgpair_jax import step as step_lib
-from fgpair_jax.data import pipeline, sources as data_sources
+from fgpair_jax.data import nuisance, pipeline, sources as data_sources
 from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
 
 
@@ -42,6 +42,7 @@ def _host_batches(config, source, start_step: int = 0):
         worker_count=config.data.worker_count,
         crop_scale=(config.data.crop_scale_min, 1.0),
         start_step=start_step,
+        nuisance=nuisance.Nuisance.of_config(config),
     )
     return iter(dataset)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from fgpair_jax.data import augment, pipeline
+from fgpair_jax.data import augment, nuisance, pipeline
 from fgpair_jax.methods import get_method
 from fgpair_jax.metrics_writer import read_jsonl
 from fgpair_jax.models import input_normalization
@@ -112,8 +112,11 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
     os.makedirs(directory, exist_ok=True)
     count = min(stats_images, len(test_source))
     stride = max(1, len(test_source) // count)  # spread over classes (the source is class-ordered)
-    images = np.stack([pipeline.eval_transform(test_source[i * stride]["image"], config.data.image_size,
-                                               config.data.eval_crop_fraction) for i in range(count)])
+    shown_nuisance = nuisance.Nuisance.of_config(config)  # the figures show what the encoder is evaluated on
+    images = np.stack([nuisance.eval_image(pipeline.eval_transform(test_source[i * stride]["image"],
+                                                                   config.data.image_size,
+                                                                   config.data.eval_crop_fraction),
+                                           i * stride, shown_nuisance) for i in range(count)])
     normalized = augment.normalize(jnp.asarray(images), *input_normalization(config.model))
     arrays = get_method(config.method).figure_arrays(state, normalized, jax.random.key(config.seed), config)
     shown = images[:num_images]

@@ -67,7 +67,7 @@ def test_the_restore_template_is_abstract_and_sharded(tmp_path):
     leaves = jax.tree.leaves(plan.abstract_state)
     assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
     assert all(leaf.sharding == parallel.replicated(mesh) for leaf in leaves)
-    assert plan.steps_per_epoch == 2 and plan.total_steps == 2 and plan.queue_size == 16
+    assert plan.steps_per_epoch == 2 and plan.total_steps == 2 and plan.queue_size == 8
 
 
 @pytest.mark.parametrize("key,value,named", [

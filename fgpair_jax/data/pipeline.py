@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from fgpair_jax.data import nuisance as nuisance_lib
 from fgpair_jax.errors import ConfigError
 
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before its centre-crop fallback.
@@ -185,6 +187,7 @@ class _TwoViewExample:
     local_batch: int
     process_index: int
     process_count: int
+    nuisance: nuisance_lib.Nuisance = nuisance_lib.Nuisance()
 
     def __call__(self, local_position: int) -> dict[str, Any]:
         position = global_position(local_position, self.local_batch, self.process_index, self.process_count)
@@ -193,6 +196,7 @@ class _TwoViewExample:
         rng = np.random.default_rng((self.seed, epoch, record))
         element = self.source[record]
         view1, view2 = two_views(element["image"], rng, self.image_size, self.crop_scale)
+        view1, view2 = nuisance_lib.two_views(view1, view2, record, rng, self.nuisance)
         return {
             "view1": view1,
             "view2": view2,
@@ -211,6 +215,8 @@ class _EvalExample:
     process_index: int
     process_count: int
     crop_fraction: float = 0.875
+    nuisance: nuisance_lib.Nuisance = nuisance_lib.Nuisance()
+    nuisance_stream: int = nuisance_lib.EVAL_STREAM
 
     def __call__(self, local_position: int) -> dict[str, Any]:
         record = global_position(local_position, self.local_batch, self.process_index, self.process_count)
@@ -223,7 +229,8 @@ class _EvalExample:
             }
         element = self.source[record]
         return {
-            "image": eval_transform(element["image"], self.image_size, self.crop_fraction),
+            "image": nuisance_lib.eval_image(eval_transform(element["image"], self.image_size, self.crop_fraction),
+                                             record, self.nuisance, self.nuisance_stream),
             "label": np.int32(element["label"]),
             "mask": np.bool_(True),
             "index": np.int32(record),
@@ -239,8 +246,17 @@ def _to_iter_dataset(dataset: grain.MapDataset, read_threads: int, worker_count:
             raise RuntimeError("worker_count > 0 needs parsed absl flags (grain's worker processes read them): "
                                "run through an absl app (fgpair_jax.main), or call "
                                "absl.flags.FLAGS.mark_as_parsed() first to use their defaults.")
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                                        worker_init_fn=_leave_interrupts_to_the_main_process)
     return iterable
+
+
+def _leave_interrupts_to_the_main_process(worker_index: int, worker_count: int) -> None:
+    """Run first in each grain worker process: ignore SIGINT. A terminal's Ctrl-C reaches the whole process
+    group; the main process turns it into a clean stop with a checkpoint (`preemption.StopRequests`), while
+    each worker would die with a KeyboardInterrupt traceback of its own. The main process ends the workers."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- public datasets
@@ -259,11 +275,13 @@ def train_dataset(
     read_threads: int = 2,
     crop_scale: tuple[float, float] = (0.2, 1.0),
     start_step: int = 0,
+    nuisance: nuisance_lib.Nuisance = nuisance_lib.Nuisance(),
 ) -> grain.IterDataset:
     """Shuffled two-view training batches for this process, from global batch `start_step` on.
 
     Yields {"view1", "view2": uint8 [b,S,S,3], "label", "index": int32 [b]} with b = global_batch_size //
     process_count; `index` is the record's position in `source`. num_epochs=None repeats forever.
+    `nuisance`: the mechanism control's per-image nuisance on both views (`data/nuisance.py`; none by default).
     """
     local_batch = local_batch_size(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
@@ -283,6 +301,7 @@ def train_dataset(
         local_batch=local_batch,
         process_index=process_index,
         process_count=process_count,
+        nuisance=nuisance,
     )
     if not 0 <= start_step <= total_steps:
         raise ValueError(f"start_step {start_step} is outside [0, {total_steps}]")
@@ -307,10 +326,13 @@ def eval_batches(
     worker_count: int = 0,
     read_threads: int = 2,
     crop_fraction: float = 0.875,
+    nuisance: nuisance_lib.Nuisance = nuisance_lib.Nuisance(),
+    nuisance_stream: int = nuisance_lib.EVAL_STREAM,
 ) -> grain.IterDataset:
     """Every example exactly once, in source order, in fixed-shape batches; iterate it once per evaluation.
 
-    Each image is `eval_transform`ed (shorter side to image_size / crop_fraction, centre crop).
+    Each image is `eval_transform`ed (shorter side to image_size / crop_fraction, centre crop), then carries
+    its own `nuisance` when one is on (`nuisance_stream`: whose images these are, `nuisance.stream_of`).
 
     `batch_size` is global; each process yields batch_size // process_count rows per batch and all
     processes yield the same number of batches. The last global batch is padded: mask False, image zeros,
@@ -319,7 +341,8 @@ def eval_batches(
     """
     local_batch = local_batch_size(batch_size, process_count)
     num_batches = -(-len(source) // batch_size)
-    example = _EvalExample(source, image_size, local_batch, process_index, process_count, crop_fraction)
+    example = _EvalExample(source, image_size, local_batch, process_index, process_count, crop_fraction,
+                           nuisance, nuisance_stream)
     batches = grain.MapDataset.range(num_batches * local_batch).map(example).batch(local_batch)
     return _to_iter_dataset(batches, read_threads, worker_count)
 

@@ -27,8 +27,11 @@ HEADS = ("mlp", "linear")
 # --mlp --moco-t 0.2 --aug-plus): a linear head, tau 0.07, and v1's augmentation (ColorJitter(0.4, 0.4, 0.4,
 # 0.4) always applied, grayscale 0.2, no blur). The schedule stays the run's (v2 adds --cos): the arm
 # isolates head, temperature and augmentation, the changes behind v1 -> v2's +6.7 linear on ImageNet.
+# `moco_oracle`: MoCo v2 with the nuisance resampled per view (data/nuisance.py), for a base config that
+# switches the nuisance on (`--config.nuisance.kind=panel`): what removing the shortcut by hand recovers.
 ABLATIONS = {"mocov1": {"moco.head": "linear", "moco.temperature": 0.07, "augment.jitter_prob": 1.0,
-                        "augment.hue": 0.4, "augment.blur_prob": 0.0}}
+                        "augment.hue": 0.4, "augment.blur_prob": 0.0},
+             "moco_oracle": {"nuisance.views": "resampled"}}
 
 
 class Embedding(NamedTuple):
