@@ -64,3 +64,23 @@ def test_eval_images_carry_their_own_nuisance_and_none_changes_nothing():
 def test_out_of_range_knobs_are_one_line_errors(field, value):
     with pytest.raises(ConfigError, match=f"config.nuisance.{field}"):
         nuisance_lib.validate(nuisance_lib.Nuisance(**{"kind": "panel", **{field: value}}))
+
+
+def test_the_pipelines_put_the_nuisance_on_training_views_and_evaluation_images():
+    from fgpair_jax.data import pipeline
+
+    rng = np.random.default_rng(0)
+    source = [{"image": rng.integers(0, 256, (40, 48, 3), np.uint8), "label": i % 2} for i in range(8)]
+    shared = nuisance_lib.Nuisance(kind="panel", crop_fraction=0.5, tint_std=0.0)
+    batch = next(iter(pipeline.train_dataset(source, global_batch_size=4, image_size=32, seed=0, read_threads=1,
+                                             nuisance=shared)))
+    for view1, view2, record in zip(batch["view1"], batch["view2"], batch["index"]):
+        np.testing.assert_array_equal(border(view1), border(view2))
+        panel, _ = nuisance_lib.draw(nuisance_lib.image_rng(nuisance_lib.TRAIN_STREAM, int(record)), 32, shared)
+        np.testing.assert_array_equal(border(view1), border(panel))
+    plain = next(iter(pipeline.train_dataset(source, global_batch_size=4, image_size=32, seed=0, read_threads=1)))
+    assert not np.array_equal(border(plain["view1"][0]), border(batch["view1"][0]))
+    images = next(iter(pipeline.eval_batches(source, batch_size=8, image_size=32, read_threads=1, nuisance=shared,
+                                             nuisance_stream=nuisance_lib.stream_of("train"))))["image"]
+    panel, _ = nuisance_lib.draw(nuisance_lib.image_rng(nuisance_lib.TRAIN_STREAM, 5), 32, shared)
+    np.testing.assert_array_equal(border(images[5]), border(panel))  # a train image keeps its training panel
