@@ -58,19 +58,20 @@ def split_batches(source, config, split: str = "test"):
         nuisance=nuisance.Nuisance.of_config(config), nuisance_stream=nuisance.stream_of(split))
 
 
-def _on_mesh(fn, mesh):
-    """`fn(params, batch_stats, images)` jitted: weights replicated, images split over the mesh."""
-    return jax.jit(fn, in_shardings=(parallel.replicated(mesh),) * 2 + (parallel.batch_sharded(mesh),),
+def _on_mesh(fn, mesh, batch_args: int = 1):
+    """`fn(params, batch_stats, *batch)` jitted: weights replicated, the `batch_args` per-image arrays split
+    over the mesh."""
+    return jax.jit(fn, in_shardings=(parallel.replicated(mesh),) * 2 + (parallel.batch_sharded(mesh),) * batch_args,
                    out_shardings=parallel.replicated(mesh))
 
 
 def make_feature_fn(config, mesh):
-    """Jitted (params, batch_stats, uint8 images [B, S, S, 3]) -> [B, D] float features of the method's
-    frozen encoder (`Method.eval_features`)."""
+    """Jitted (params, batch_stats, uint8 images [B, S, S, 3], valid bool [B]) -> [B, D] float features of
+    the method's frozen encoder (`Method.eval_features`; `valid` is False on the padding rows)."""
     method = get_method(config.method)
     mean, std = input_normalization(config.model)
-    return _on_mesh(lambda params, batch_stats, images: method.eval_features(
-        params, batch_stats, augment.normalize(images, mean, std), config), mesh)
+    return _on_mesh(lambda params, batch_stats, images, valid: method.eval_features(
+        params, batch_stats, augment.normalize(images, mean, std), config, valid=valid), mesh, batch_args=2)
 
 
 def extract_features(feature_fn, params, batch_stats, source, config, mesh, split: str = "test"):
@@ -78,8 +79,8 @@ def extract_features(feature_fn, params, batch_stats, source, config, mesh, spli
     `split_batches`), in source order."""
     features, labels, indices = [], [], []
     for batch in split_batches(source, config, split):
-        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
-        out = np.asarray(jax.device_get(feature_fn(params, batch_stats, images)))
+        placed = parallel.global_batch({"image": batch["image"], "mask": batch["mask"]}, mesh)
+        out = np.asarray(jax.device_get(feature_fn(params, batch_stats, placed["image"], placed["mask"])))
         # Every process sees the replicated global result; keep the valid rows of the global batch.
         meta = {"label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
         if jax.process_count() > 1:

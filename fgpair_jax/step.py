@@ -49,11 +49,13 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
     queue, queue_pointer = contrastive.enqueue(state.queue, state.queue_pointer, aux["keys"])
     # model.keep_bn_stats: normalise with batch statistics as always, but leave the running ones
     # (what evaluation uses) at their start: augmented batches otherwise drag ImageNet's away.
+    # Only the encoder's: a method's own modules (LCR's attention BN) train their statistics as usual.
     keep = config.model.keep_bn_stats
+    batch_stats = dict(aux["batch_stats"], encoder=state.batch_stats["encoder"]) if keep else aux["batch_stats"]
     next_state = state.replace(
         step=state.step + 1,
         params=params,
-        batch_stats=state.batch_stats if keep else aux["batch_stats"],
+        batch_stats=batch_stats,
         ema_params=ema_params,
         ema_batch_stats=state.ema_batch_stats if keep else aux["ema_batch_stats"],
         opt_state=opt_state,

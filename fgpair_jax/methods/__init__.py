@@ -33,8 +33,9 @@ class Method(Protocol):
         ({term: gradient of that weighted term on some params subtrees}, logged as
         `grad_share_<term>` by `step.gradient_shares`); `epoch` is the fractional training progress."""
 
-    def eval_features(self, params, batch_stats, images, config) -> jax.Array:
-        """[B, D] float features of the frozen encoder for normalised [B, S, S, 3] images."""
+    def eval_features(self, params, batch_stats, images, config, valid=None) -> jax.Array:
+        """[B, D] float features of the frozen encoder for normalised [B, S, S, 3] images; `valid` (bool [B]
+        or None = all) marks the rows that are real images, not an evaluation batch's padding."""
 
     def optimizer_partitions(self, config) -> Dict[str, optax.GradientTransformation]:
         """Top-level params subtrees trained by an optimiser of their own ({} if none)."""

@@ -20,7 +20,10 @@ A [B, h, w, D] is fitted to a gradient x activation map of L_C:
                                                                 [N, 7, 7] map, summed over the per-GPU batch
              L   = L_C + nu * KL, nu = 0.01                    main_moco.py `--nu` (default 0.01)
   eval       f   = l2norm(mean_hw(A * att)), BN with running   builder.py `inference`: min-max over the
-                   statistics                                   evaluation batch, AvgPool2d(7), normalize
+                   statistics                                   evaluation batch, AvgPool2d(7), normalize;
+                                                                the evaluation batch is the per-GPU one
+                                                                (main_moco.py: args.batch_size / ngpus
+                                                                for val_loader too)
 
 The per-GPU batch under one `jax.jit`: `config.model.bn_groups` contiguous groups of the global batch,
 the same groups whose statistics the encoder's ghost batch norm uses for MoCo's shuffle-BN. Each group
@@ -28,15 +31,22 @@ has its own attention BN statistics and its own min-max, dCE/dA is the gradient 
 InfoNCE (the global mean's gradient x bn_groups), and the KL is summed within a group and averaged over
 the groups, as DDP averages the per-GPU gradients of the per-GPU sums.
 
+At evaluation the min-max runs over chunks of the per-GPU batch (`global_batch_size // bn_groups`) of
+each evaluation batch, leaving out its padding rows, as LCR's validation loop sees its data; the
+features of an image therefore depend on the images it is evaluated with, as in the original
+(`lcr.eval_minmax='image'` normalises each image by itself instead). AvgPool2d(7) at 224 px is the mean
+over the whole 7x7 map; at other sizes the port takes the mean over the whole map.
+
 Where this port differs from the original, and why:
 - The original also builds `qmax`/`kmax` heads and a second queue on the attention-pooled features;
   their logits (`output_max`) never enter the loss, so they are not ported.
 - The original runs bn16 three times per step in train mode (query, key, query again), so its running
   statistics move three times per step, once with the momentum encoder's map; here they move once per
   step, from the query's map. Only evaluation reads them.
-- `lcr.eval_minmax='batch'` (the default) is `inference()`'s min-max over the evaluation batch: the
-  features then depend on the batch they are computed in (`eval.batch_size`; the padded rows of the
-  last evaluation batch take part in its min and max). 'image' normalises each image by itself.
+- The projection width is the run's `moco.dim` (128, MoCo v2's), shared with every method of a
+  comparison; LCR's script defaults to `--moco-dim 256`.
+- conv16 is initialised as torch's Conv2d default (kaiming_uniform with a = sqrt(5): uniform with
+  variance 1 / (3 fan_in)), not flax's lecun_normal, whose 3x variance would slow its effective rate.
 """
 import jax
 import jax.numpy as jnp
@@ -70,7 +80,9 @@ class AttentionBranch(nn.Module):
 
     @nn.compact
     def __call__(self, feature_map, *, train: bool):
-        x = nn.Conv(self.channels, (1, 1), use_bias=False, name="conv")(feature_map.astype(jnp.float32))
+        torch_default = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # nn.Conv2d's reset_parameters
+        x = nn.Conv(self.channels, (1, 1), use_bias=False, kernel_init=torch_default,
+                    name="conv")(feature_map.astype(jnp.float32))
         x = GroupedBatchNorm(use_running_average=not train, num_groups=self.num_groups, name="bn")(x)
         return jax.nn.relu(x)
 
@@ -102,12 +114,20 @@ def channel_max_attention(params, batch_stats, feature_map, config, *, train: bo
     return jnp.max(maps, axis=-1), new_stats
 
 
-def minmax_normalize(attention: jax.Array, num_groups: int) -> jax.Array:
+def minmax_normalize(attention: jax.Array, num_groups: int, valid=None) -> jax.Array:
     """(a - min a) / (1e-7 + max(a - min a)) with min and max over each of `num_groups` contiguous groups
-    of the batch ([B, h, w] -> [B, h, w] in [0, 1]): builder.py `max_mask` over a per-GPU batch."""
+    of the batch ([B, h, w] -> [B, h, w] in [0, 1]): builder.py `max_mask` over a per-GPU batch. Rows
+    where `valid` (bool [B]) is False take no part in their group's min and max."""
     groups = attention.reshape((num_groups, -1) + attention.shape[1:])
-    shifted = groups - jnp.min(groups, axis=(1, 2, 3), keepdims=True)
-    return (shifted / (MINMAX_EPS + jnp.max(shifted, axis=(1, 2, 3), keepdims=True))).reshape(attention.shape)
+    if valid is None:
+        low = jnp.min(groups, axis=(1, 2, 3), keepdims=True)
+        high = jnp.max(groups - low, axis=(1, 2, 3), keepdims=True)
+    else:
+        keep = valid.reshape((num_groups, -1, 1, 1))
+        low = jnp.min(jnp.where(keep, groups, jnp.inf), axis=(1, 2, 3), keepdims=True)
+        low = jnp.where(jnp.isfinite(low), low, 0.0)  # a group of padding only: any finite value
+        high = jnp.max(jnp.where(keep, groups - low, 0.0), axis=(1, 2, 3), keepdims=True)
+    return ((groups - low) / (MINMAX_EPS + high)).reshape(attention.shape)
 
 
 def gradient_x_activation(feature_map: jax.Array, gradient: jax.Array) -> jax.Array:
@@ -144,15 +164,24 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     return total, aux
 
 
-def eval_features(params, batch_stats, images, config) -> jax.Array:
+def eval_features(params, batch_stats, images, config, valid=None) -> jax.Array:
     """[B, D] float32 L2-normalised mean over positions of A * att (builder.py `inference`), BN with its
-    running statistics; att min-max normalised over the batch or per image (`lcr.eval_minmax`)."""
+    running statistics; att min-max normalised over each per-GPU-sized chunk of the batch, padding rows
+    (`valid` False) left out, or per image (`lcr.eval_minmax`). B must be a multiple of the chunk."""
     (feature_map, _), _ = moco.encode(params, batch_stats, images, config, train=False)
     feature_map = feature_map.astype(jnp.float32)
     raw, _ = channel_max_attention(params, batch_stats, feature_map, config, train=False)
-    groups = 1 if config.lcr.eval_minmax == "batch" else raw.shape[0]
-    weights = minmax_normalize(raw, groups)
+    batch = raw.shape[0]
+    chunk = per_gpu_batch(config) if config.lcr.eval_minmax == "batch" else 1
+    if batch % chunk:  # a batch smaller than one chunk (a figure's few images): one chunk
+        chunk = batch
+    weights = minmax_normalize(raw, batch // chunk, valid)
     return contrastive.l2_normalize(jnp.mean(feature_map * weights[..., None], axis=(1, 2)))
+
+
+def per_gpu_batch(config) -> int:
+    """LCR's per-GPU batch under one jit: one of `model.bn_groups` groups of the global batch."""
+    return config.global_batch_size // config.model.bn_groups
 
 
 def preflight_warnings(config, feature_map_shape) -> list:
@@ -178,3 +207,10 @@ def validate(config) -> None:
         raise ConfigError(f"config.lcr.attention_channels={config.lcr.attention_channels} must be >= 1 (LCR: 32).")
     if config.lcr.eval_minmax not in EVAL_MINMAX:
         raise ConfigError(f"config.lcr.eval_minmax={config.lcr.eval_minmax!r}; choose one of {list(EVAL_MINMAX)}.")
+    if config.lcr.eval_minmax == "batch" and config.eval.batch_size % per_gpu_batch(config):
+        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be a multiple of LCR's per-GPU batch "
+                          f"{per_gpu_batch(config)} (global_batch_size / model.bn_groups): its evaluation min-max runs "
+                          "over per-GPU chunks; or set config.lcr.eval_minmax='image'.")
+    if config.moco.symmetric:
+        raise ConfigError("config.moco.symmetric=True is not LCR's (its Grad-CAM target is of the one-sided MoCo v2 "
+                          "loss); set it to False for method lcr.")

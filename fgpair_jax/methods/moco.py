@@ -137,8 +137,10 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     return total, aux
 
 
-def eval_features(params, batch_stats, images, config) -> jax.Array:
-    """Frozen-encoder features for evaluation: the pooled vector of the query encoder (running BN stats)."""
+def eval_features(params, batch_stats, images, config, valid=None) -> jax.Array:
+    """Frozen-encoder features for evaluation: the pooled vector of the query encoder (running BN stats).
+    Each image's features are its own: `valid` (padding rows) changes nothing."""
+    del valid
     (_, pooled), _ = encode(params, batch_stats, images, config, train=False)
     return pooled
 
