@@ -28,7 +28,9 @@ def run(num_steps: int, method: str = "moco"):
     # The decoder's Adam moves each weight by ~lr * sign(g) on its first step, so a gradient that is
     # float noise around zero gets an lr-sized update whose sign depends on summation order. That is
     # Adam's conditioning, not the sharding under test: compare the decoder under SGD instead.
-    config = tiny_config(method=method, **{"fgpair.decoder_optimizer": "sgd"})
+    # The queue of 16 the reference numbers (test_fgpair.SLICE_MOCO_LOSSES) were produced with; the tiny
+    # config's own is 8 since the preflight check (a queue below the 18 train images minus a batch).
+    config = tiny_config(method=method, **{"fgpair.decoder_optimizer": "sgd", "moco.queue_size": 16})
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config, steps_per_epoch=10)
     state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
