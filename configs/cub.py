@@ -15,7 +15,7 @@ DEFAULT_CUB_DIR = os.environ.get(
 )
 
 
-SCRATCH_EPOCHS = 40  # `scratch`: chosen on the validation split (20 ties the random init); ~21 min of MoCo v2 on 2 cores
+SCRATCH_EPOCHS = 40  # `scratch`: chosen on the validation split (results/README.md, test bed)
 VARIANTS = ("paper", "quick", "medium", "scratch", "tiny")
 
 
@@ -170,12 +170,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.fgpair.ramp_epochs = 2.0
     if variant == "scratch":
         # The CPU test bed: what SSL itself teaches, from a random init, so that a method's gain is not
-        # "erodes an ImageNet start less". ResNet-18 at half width and 80 px: the full-width step runs
-        # ~13 img/s at 80 px on 2 cores, the half-width one ~57 (and XLA's CPU convolutions fall off a
-        # cliff at 64 px): results/README.md, test bed. 80 = 5 * 2**4 suits the decoder, and the last
+        # "erodes an ImageNet start less". ResNet-18 at half width and 80 px: full width is several times
+        # slower on 2 cores, and XLA's CPU convolutions fall off a cliff at 64 px (results/README.md, test bed). 80 = 5 * 2**4 suits the decoder, and the last
         # feature map is 3x3 (LCR's attention has positions to choose from). The learning rate is the
         # usual small-data MoCo v2 value, not tuned; 40 epochs, because at 20 MoCo v2 only ties the random
-        # encoder on the validation split and at 40 it is 6.7 linear points above it (results/README.md).
+        # encoder on the validation split (results/README.md).
         c.num_epochs = SCRATCH_EPOCHS
         c.global_batch_size = 128
         c.data.image_size = 80
