@@ -9,7 +9,7 @@ setup(
         "Self-Supervised Fine-Grained Visual Recognition' (ECCV 2024)"
     ),
     packages=find_packages(include=["fgpair_jax", "fgpair_jax.*"]),
-    python_requires=">=3.11",
+    python_requires=">=3.11.4",  # tarfile's "data" extraction filter (PEP 706)
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -21,6 +21,8 @@ setup(
         "grain>=0.2.10",
         "array-record>=0.7",
         "pillow>=10",
+        "scipy>=1.10",  # Stanford Cars' devkit .mat files (data/cars.py)
+        "pooch>=1.8",  # the opt-in download of an official archive, MD5-checked (data/archives.py)
         "importlib_resources",  # TFDS imports it without declaring it.
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "tqdm",

@@ -19,7 +19,7 @@ import platform
 import tempfile
 import time
 
-from fgpair_jax.data import cub, pipeline
+from fgpair_jax.data import builder, cub, pipeline
 
 
 def _int_list(text):
@@ -74,7 +74,7 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = args.data_dir or scratch
         start = time.perf_counter()
-        sources, info = cub.load_cub_sources(args.manual_dir, data_dir)
+        sources, info = builder.load_sources(cub.DATA_SET, args.manual_dir, data_dir)
         load_seconds = time.perf_counter() - start
         train = sources["train"]
         results = []

@@ -26,3 +26,8 @@ class MissingFileError(UserError, FileNotFoundError):
 class DataWriteError(UserError, OSError):
     """A data build its storage refuses (no space, quota, read-only, not a folder); nothing of it was kept,
     and a later build starts afresh."""
+
+
+class DownloadError(UserError, OSError):
+    """A data set's official archive that could not be fetched (no connection, an HTTP error, a checksum
+    mismatch); nothing partial was kept, and a rerun retries."""

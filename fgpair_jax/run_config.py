@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from fgpair_jax import numerics
-from fgpair_jax.data import cub, nuisance, sources as data_sources, splits
+from fgpair_jax.data import images, nuisance, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import get_method
@@ -25,6 +25,7 @@ from fgpair_jax.models import check_init, compute_dtype, frozen_modules
 from fgpair_jax.models.efficientnet_lite import DEPTHWISE_IMPLS
 
 CONFIG_FILE = "config.json"
+AIRCRAFT_TRAIN_SPLITS = ("trainval", "train")
 
 # Keys added after runs were first saved, with the value that reproduces what those runs did (not
 # today's default), so that older workdirs re-evaluate and resume unchanged.
@@ -54,13 +55,17 @@ KEYS_ADDED_SINCE = {
     "lcr.nu": 0.01,
     "lcr.attention_channels": 0,
     "lcr.eval_minmax": "batch",
+    "data.download": False,
+    "data.crop_to_box": False,
+    "data.aircraft_train_split": "trainval",
+    "data.aircraft_remove_banner": False,
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an
 # op is implemented (same numbers; the batches do not depend on data.worker_count: data/pipeline.py).
 # Every other key defines what trains and must stay as it was.
 MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
-                        "data.manual_dir", "data.data_dir", "data.eval_crop_fraction", "data.worker_count",
+                        "data.manual_dir", "data.download", "data.data_dir", "data.eval_crop_fraction", "data.worker_count",
                         "model.depthwise_impl",
                         "fgpair.log_gradient_share")
 
@@ -209,7 +214,12 @@ def validate(config) -> None:
     for key in ("crop_scale_min", "eval_crop_fraction"):
         _check(0.0 < config.data[key] <= 1.0, f"config.data.{key}={config.data[key]} must lie in (0, 1].")
     _check(config.data.worker_count >= 0, f"config.data.worker_count={config.data.worker_count} must be >= 0.")
-    cub.check_max_image_pixels(config.data.max_image_pixels)
+    images.check_max_image_pixels(config.data.max_image_pixels)
+    _check(config.data.aircraft_train_split in AIRCRAFT_TRAIN_SPLITS,
+           f"config.data.aircraft_train_split={config.data.aircraft_train_split!r}: use one of {AIRCRAFT_TRAIN_SPLITS}.")
+    _check(not config.data.aircraft_remove_banner or config.data.name == "aircraft",
+           f"config.data.aircraft_remove_banner=True is for FGVC-Aircraft's copyright banner, not "
+           f"{config.data.name!r}; set it to False.")
     for key in ("jitter_prob", "grayscale_prob", "blur_prob"):
         _check(0.0 <= config.augment[key] <= 1.0, f"config.augment.{key}={config.augment[key]} must lie in [0, 1].")
     _check(0.0 <= config.augment.hue <= 0.5, f"config.augment.hue={config.augment.hue} must lie in [0, 0.5] "

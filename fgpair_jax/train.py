@@ -81,6 +81,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _warn_if_sized_for_an_accelerator(config)
     features.announce_eval_batch_size(config)
     sources, info = data_sources.load_sources(config, workdir)
+    announce(data_sources.build_line(info))
     preflight.check(config, sources)  # what the data decides, before any state or step
     run_plan = run.plan(config, info.split_sizes["train"], mesh)
     checkpointer = run.open_checkpoints(config, workdir, run_plan)

@@ -48,3 +48,16 @@ def requires_shared_cub():
     if not os.path.isdir(os.path.join(SHARED_CUB, "images")):
         pytest.skip(f"shared CUB subset not found at {SHARED_CUB}")
     return SHARED_CUB
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shared_tfds_data_dir(tmp_path_factory):
+    """Builds made without an explicit data_dir go to one folder per test session (and to the processes the
+    tests start), never to the user's ~/tensorflow_datasets, the default a real run shares its builds in."""
+    previous = os.environ.get("TFDS_DATA_DIR")
+    os.environ["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds_data_dir"))
+    yield os.environ["TFDS_DATA_DIR"]
+    if previous is None:
+        os.environ.pop("TFDS_DATA_DIR", None)
+    else:
+        os.environ["TFDS_DATA_DIR"] = previous

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import tiny_config, write_tiny_cub
-from fgpair_jax.data import cub, pipeline
+from fgpair_jax.data import builder, cub, images, pipeline
 from fgpair_jax.errors import UserError
 
 
@@ -47,14 +47,14 @@ def test_empty_folder_says_empty_and_names_the_layout_and_config_key(tmp_path):
     empty = tmp_path / "CUB_200_2011"
     empty.mkdir()
     with pytest.raises(FileNotFoundError) as excinfo:
-        cub.load_cub_sources(str(empty), str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, str(empty), str(tmp_path / "tfds"))
     _one_line_error(excinfo, "is empty", "images.txt", "images/<class>/<file>.jpg", "config.data.manual_dir")
 
 
 def test_parent_of_the_extracted_folder_points_at_it(tmp_path):
     write_tiny_cub(str(tmp_path / "download" / "CUB_200_2011"), train_per_class=1, test_per_class=1)
     with pytest.raises(FileNotFoundError) as excinfo:
-        cub.load_cub_sources(str(tmp_path / "download"), str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, str(tmp_path / "download"), str(tmp_path / "tfds"))
     _one_line_error(excinfo, "lacks images.txt", "subfolder 'CUB_200_2011'", "config.data.manual_dir")
 
 
@@ -62,7 +62,7 @@ def test_a_file_given_as_the_folder_says_so(tmp_path):
     archive = tmp_path / "CUB_200_2011.tgz"
     archive.write_bytes(b"\x1f\x8b not extracted")
     with pytest.raises(FileNotFoundError) as excinfo:
-        cub.load_cub_sources(str(archive), str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, str(archive), str(tmp_path / "tfds"))
     _one_line_error(excinfo, "is a file, not a folder", "config.data.manual_dir")
 
 
@@ -98,7 +98,7 @@ def test_bad_index_file_is_one_line_naming_it_and_the_layout(tmp_path, damage, e
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
     damage(root)
     with pytest.raises(error) as excinfo:
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     _one_line_error(excinfo, cause, "config.data.manual_dir")
 
 
@@ -143,7 +143,7 @@ def test_repeated_or_conflicting_index_lines_are_one_line_naming_file_line_and_i
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
     damage(root)
     with pytest.raises(ValueError) as excinfo:
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     _one_line_error(excinfo, cause, "Correct the index file (nothing was built)")
     assert not os.path.exists(tmp_path / "tfds")
 
@@ -154,12 +154,12 @@ def test_no_readable_image_in_a_split_is_one_line_and_the_fixed_folder_then_buil
     os.mkdir(os.path.join(root, "images"))  # Present but empty: every listed file is missing.
     data_dir = str(tmp_path / "tfds")
     with pytest.raises(ValueError) as excinfo:
-        cub.load_cub_sources(root, data_dir)
+        builder.load_sources(cub.DATA_SET, root, data_dir)
     _one_line_error(excinfo, "none of the 6 train images", "could be read from images/", "config.data.manual_dir")
 
     os.rmdir(os.path.join(root, "images"))
     shutil.move(str(tmp_path / "elsewhere"), os.path.join(root, "images"))
-    _, info = cub.load_cub_sources(root, data_dir)  # The failed build left nothing behind to be reused.
+    _, info = builder.load_sources(cub.DATA_SET, root, data_dir)  # The failed build left nothing behind to be reused.
     assert info.split_sizes == {"train": 6, "test": 3}
 
 
@@ -173,7 +173,7 @@ def test_names_match_files_across_unicode_normal_forms(tmp_path, listed_form, di
     assert listed != on_disk
     os.rename(os.path.join(root, "images", FIRST), os.path.join(root, "images", on_disk))
     _replace_line(root, "images.txt", 1, f"1 {listed}")
-    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert info.skipped_files == {"train": (), "test": ()} and info.split_sizes == {"train": 18, "test": 9}
     stored = {sources["train"][i]["image_id"]: sources["train"][i]["file_name"].decode() for i in range(18)}
     assert stored[1] == listed  # the id's name as images.txt spells it
@@ -184,18 +184,18 @@ def test_a_photo_above_pillows_pixel_limit_is_too_large_and_kept_when_allowed(tm
     a valid photo used to be reported 'undecodable'. Here MAX_IMAGE_PIXELS = 4000 stands for Pillow's
     default, so a 100 x 100 photo is above the limit while the fixture's (at most 72 x 48) are not."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
-    monkeypatch.setattr(cub, "STORED_MAX_PIXELS", 4000)
+    monkeypatch.setattr(images, "STORED_MAX_PIXELS", 4000)
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"))
     open(os.path.join(root, "images", FIRST), "wb").write(_jpeg_bytes(_noise(100, 100), quality=90))
-    with caplog.at_level(logging.WARNING, logger=cub.__name__):
-        _, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    with caplog.at_level(logging.WARNING, logger=builder.__name__):
+        _, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert info.skipped_by_reason == {"train": {"too large": (FIRST,)}, "test": {}}
     assert any(f"skipped 1 too large images: {FIRST} (" in m and "config.data.max_image_pixels" in m
                for m in caplog.messages)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=cub.__name__):
-        sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"), max_image_pixels=10_000)
+    with caplog.at_level(logging.WARNING, logger=builder.__name__):
+        sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"), max_image_pixels=10_000)
     assert info.skipped_files == {"train": (), "test": ()} and info.split_sizes["train"] == 18
     first = next(sources["train"][i] for i in range(18) if sources["train"][i]["image_id"] == 1)
     height, width, _ = first["image"].shape  # decoded by Pillow with its (patched) limit, as a reader would
@@ -207,7 +207,7 @@ def test_a_photo_above_pillows_pixel_limit_is_too_large_and_kept_when_allowed(tm
 def test_max_image_pixels_must_be_a_positive_integer_or_none(tmp_path, bad):
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
     with pytest.raises(ValueError) as excinfo:
-        cub.load_cub_sources(root, str(tmp_path / "tfds"), max_image_pixels=bad)
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"), max_image_pixels=bad)
     _one_line_error(excinfo, f"config.data.max_image_pixels={bad!r}: use a positive integer, or None")
 
 
@@ -226,7 +226,7 @@ def test_truncated_jpeg_is_undecodable_even_where_pil_is_told_to_accept_it(tmp_p
     cut = {"header": 200, "half": len(data) // 2, "all_but_eoi": len(data) - 2}[keep]
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[:cut])
-    assert cub.as_rgb_jpeg_bytes(str(path)) is None
+    assert images.as_rgb_jpeg_bytes(str(path)) is None
     assert ImageFile.LOAD_TRUNCATED_IMAGES is lenient  # The caller's setting is restored.
 
 
@@ -234,7 +234,7 @@ def test_truncated_jpeg_is_undecodable_even_where_pil_is_told_to_accept_it(tmp_p
 def test_empty_or_garbage_file_is_undecodable(tmp_path, content):
     path = tmp_path / "bird.jpg"
     path.write_bytes(content)
-    assert cub.as_rgb_jpeg_bytes(str(path)) is None
+    assert images.as_rgb_jpeg_bytes(str(path)) is None
 
 
 def _save_as(pixels, mode, fmt):
@@ -254,7 +254,7 @@ def _save_as(pixels, mode, fmt):
 def test_tiny_and_odd_images_become_rgb_jpegs_the_transforms_accept(tmp_path, shape, mode, fmt):
     path = tmp_path / "bird.jpg"
     path.write_bytes(_save_as(_noise(*shape), mode, fmt))
-    stored = cub.as_rgb_jpeg_bytes(str(path))
+    stored = images.as_rgb_jpeg_bytes(str(path))
     with Image.open(io.BytesIO(stored)) as image:
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", shape[::-1])
         pixels = np.asarray(image)
@@ -320,14 +320,14 @@ def bad_build(tmp_path_factory):
                 open(path, "wb").write(_bad_image_bytes(kind))
             names[kind] = name
     records = _Records()
-    cub._LOG.addHandler(records)
+    builder._LOG.addHandler(records)
     lenient = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
-        sources, info = cub.load_cub_sources(root, str(tmp_path_factory.mktemp("tfds")))
+        sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path_factory.mktemp("tfds")))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
-        cub._LOG.removeHandler(records)
+        builder._LOG.removeHandler(records)
     return sources, info, names, records.messages
 
 
@@ -339,9 +339,9 @@ def test_bad_images_are_skipped_with_counted_warnings_and_odd_ones_kept(bad_buil
     undecodable_train = [name for name in skipped_train if name != names["missing"]]
     assert info.skipped_by_reason == {"train": {"missing": (names["missing"],), "undecodable": tuple(undecodable_train)},
                                       "test": {"undecodable": (names["truncated_progressive"],)}}
-    assert f"CUB train split: skipped 3 undecodable images: {', '.join(undecodable_train)}" in warnings
-    assert f"CUB train split: skipped 1 missing images: {names['missing']}" in warnings
-    assert f"CUB test split: skipped 1 undecodable images: {names['truncated_progressive']}" in warnings
+    assert f"CUB folder train split: skipped 3 undecodable images: {', '.join(undecodable_train)}" in warnings
+    assert f"CUB folder train split: skipped 1 missing images: {names['missing']}" in warnings
+    assert f"CUB folder test split: skipped 1 undecodable images: {names['truncated_progressive']}" in warnings
     kept = {sources[split][i]["file_name"].decode(): sources[split][i]["image"]
             for split in ("train", "test") for i in range(len(sources[split]))}
     expected_shapes = {"rgb_1x1": (1, 1, 3), "strip_1x300": (1, 300, 3), "strip_300x1": (300, 1, 3),
@@ -403,7 +403,7 @@ def test_index_file_with_a_utf8_byte_order_mark_is_read(tmp_path, file_name):
     text = open(path, encoding="utf-8").read()
     open(path, "w", encoding="utf-8-sig").write(text)
     assert open(path, "rb").read(3) == b"\xef\xbb\xbf"
-    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert info.split_sizes == {"train": 6, "test": 3} and info.class_ids == (2, 5, 9)
     assert info.skipped_files == {"train": (), "test": ()}
     assert sorted(int(sources["train"][i]["image_id"]) for i in range(6)) == [1, 2, 4, 5, 7, 8]
@@ -414,25 +414,26 @@ def test_an_index_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
     os.remove(os.path.join(root, "classes.txt"))
     os.mkdir(os.path.join(root, "classes.txt"))  # e.g. an archive tool's odd output
     with pytest.raises(ValueError) as excinfo:
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     _one_line_error(excinfo, "classes.txt cannot be read (Is a directory)", "config.data.manual_dir")
 
 
-def test_index_files_changing_while_the_build_starts_is_one_line(tmp_path, monkeypatch):
-    """The index files are read twice: when the build's name is made and when it starts (possibly after
-    waiting for another process's build). A change in between used to be a bare ValueError."""
+def test_files_changing_while_the_build_starts_is_one_line(tmp_path, monkeypatch):
+    """The build's key (records, sizes, times) is computed twice: when the build's name is made and when it
+    starts (possibly after waiting for another process's build). A change in between used to be a bare
+    ValueError."""
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=1, test_per_class=1)
-    real = cub.index_fingerprint
+    real = builder.build_key
     calls = []
 
-    def changing(manual_dir):
-        calls.append(manual_dir)
-        return real(manual_dir) if len(calls) == 1 else "0123456789"
+    def changing(*args):
+        calls.append(args)
+        return real(*args) if len(calls) == 1 else "0123456789"
 
-    monkeypatch.setattr(cub, "index_fingerprint", changing)
+    monkeypatch.setattr(builder, "build_key", changing)
     with pytest.raises(cub.DataError) as excinfo:
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
-    _one_line_error(excinfo, "index files changed", "nothing was built", "rerun")
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
+    _one_line_error(excinfo, "files changed while the build was starting", "nothing was built", "rerun")
 
 
 def test_names_differing_only_in_letter_case_are_missing_with_a_hint(tmp_path, caplog):
@@ -441,8 +442,8 @@ def test_names_differing_only_in_letter_case_are_missing_with_a_hint(tmp_path, c
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
     upper = FIRST[:-4] + ".JPG"
     os.rename(os.path.join(root, "images", FIRST), os.path.join(root, "images", upper))
-    with caplog.at_level(logging.WARNING, logger=cub.__name__):
-        _, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    with caplog.at_level(logging.WARNING, logger=builder.__name__):
+        _, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert info.skipped_by_reason == {"train": {"missing": (FIRST,)}, "test": {}}
     warning = next(m for m in caplog.messages if "missing images" in m)
     assert "\n" not in warning
@@ -457,11 +458,11 @@ def test_a_split_without_any_file_on_disk_fails_before_any_image_is_decoded(tmp_
     for class_id in (2, 5, 9):
         os.remove(os.path.join(root, "images", f"{class_id:03d}.Bird_{class_id}", f"Bird_{class_id}_0002.jpg"))
     decoded = []
-    real = cub.load_rgb_jpeg
-    monkeypatch.setattr(cub, "load_rgb_jpeg", lambda *args: decoded.append(args) or real(*args))
+    real = images.load_rgb_jpeg
+    monkeypatch.setattr(images, "load_rgb_jpeg", lambda *args: decoded.append(args) or real(*args))
     data_dir = tmp_path / "tfds"
     with pytest.raises(ValueError) as excinfo:
-        cub.load_cub_sources(root, str(data_dir))
+        builder.load_sources(cub.DATA_SET, root, str(data_dir))
     _one_line_error(excinfo, "none of the 3 test images", "could be read from images/", "3 missing",
                     "config.data.manual_dir")
     assert decoded == []
@@ -516,7 +517,7 @@ def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing_half_built(
     with monkeypatch.context() as patched:
         fail(patched, data_dir)
         with pytest.raises(OSError) as excinfo:
-            cub.load_cub_sources(root, data_dir)
+            builder.load_sources(cub.DATA_SET, root, data_dir)
     assert isinstance(excinfo.value, UserError)
     _one_line_error(excinfo, f"TFDS data_dir {data_dir!r}", f"({reason})", "Free space there",
                     "config.data.data_dir", "$TFDS_DATA_DIR", "nothing of it was kept")
@@ -524,7 +525,7 @@ def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing_half_built(
     assert [file for _, _, files in walked for file in files if not file.endswith(".lock")] == [], walked
     assert not [name for _, folders, _ in walked for name in folders if "incomplete." in name], walked
 
-    _, info = cub.load_cub_sources(root, data_dir)
+    _, info = builder.load_sources(cub.DATA_SET, root, data_dir)
     assert info.split_sizes == {"train": 6, "test": 3}
 
 
@@ -533,13 +534,13 @@ def test_not_enough_free_space_for_the_images_fails_before_any_image_is_decoded(
     with less room than the listed images take is refused before minutes of decoding are spent."""
     root = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=2, test_per_class=1)
     decoded = []
-    real = cub.load_rgb_jpeg
-    monkeypatch.setattr(cub, "load_rgb_jpeg", lambda *args: decoded.append(args) or real(*args))
-    monkeypatch.setattr(cub.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=10**9 - 100,
+    real = images.load_rgb_jpeg
+    monkeypatch.setattr(images, "load_rgb_jpeg", lambda *args: decoded.append(args) or real(*args))
+    monkeypatch.setattr(builder.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=10**9 - 100,
                                                                                       free=100))
     data_dir = str(tmp_path / "tfds")
     with pytest.raises(OSError) as excinfo:
-        cub.load_cub_sources(root, data_dir)
+        builder.load_sources(cub.DATA_SET, root, data_dir)
     _one_line_error(excinfo, f"TFDS data_dir {data_dir!r}", "100 bytes are free", "Free space there",
                     "config.data.data_dir", "$TFDS_DATA_DIR")
     assert decoded == []
@@ -550,7 +551,7 @@ def test_a_data_dir_that_cannot_be_created_is_one_line_naming_it(tmp_path):
     data_dir = tmp_path / "tfds"
     data_dir.write_text("a file where the data folder should be")
     with pytest.raises(OSError) as excinfo:
-        cub.load_cub_sources(root, str(data_dir))
+        builder.load_sources(cub.DATA_SET, root, str(data_dir))
     _one_line_error(excinfo, f"TFDS data_dir {str(data_dir)!r}", "(Not a directory)", "config.data.data_dir",
                     "$TFDS_DATA_DIR")
 
@@ -596,5 +597,5 @@ def test_a_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "listdir", refusing)  # as for a folder of another user (the tests may run as root)
     with pytest.raises(ValueError) as excinfo:
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     _one_line_error(excinfo, f"CUB folder {root!r}: cannot be listed (Permission denied)", "config.data.manual_dir")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgpair_jax.data import cub
+from fgpair_jax.data import builder, cub, images
 
 CLASSES = {2: "002.Alpha_bird", 5: "005.Beta_bird", 9: "009.Gamma_bird"}  # Non-contiguous official ids.
 SUBSET_DIR = "/work/shared/data/CUB_200_2011_subset100"
@@ -78,7 +78,7 @@ def _by_file_name(source):
 
 def test_labels_are_contiguous_and_original_ids_kept(cub_folder, tmp_path):
     root, _ = cub_folder
-    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert info.num_classes == 3
     assert info.class_ids == (2, 5, 9)
     assert info.class_names == tuple(CLASSES.values())
@@ -91,7 +91,7 @@ def test_labels_are_contiguous_and_original_ids_kept(cub_folder, tmp_path):
 
 def test_split_sizes_follow_train_test_split_minus_skipped(cub_folder, tmp_path):
     root, _ = cub_folder
-    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert info.split_sizes == {"train": 6, "test": 5}  # The truncated image is a test image.
     assert {split: len(source) for split, source in sources.items()} == info.split_sizes
     train_names = set(_by_file_name(sources["train"]))
@@ -100,8 +100,8 @@ def test_split_sizes_follow_train_test_split_minus_skipped(cub_folder, tmp_path)
 
 def test_problem_images_become_rgb_and_undecodable_ones_are_skipped(cub_folder, tmp_path, caplog):
     root, specials = cub_folder
-    with caplog.at_level(logging.WARNING, logger=cub.__name__):
-        sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    with caplog.at_level(logging.WARNING, logger=builder.__name__):
+        sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     elements = {**_by_file_name(sources["train"]), **_by_file_name(sources["test"])}
     for element in elements.values():
         assert element["image"].dtype == np.uint8 and element["image"].ndim == 3
@@ -115,28 +115,28 @@ def test_problem_images_become_rgb_and_undecodable_ones_are_skipped(cub_folder, 
     assert "009.Gamma_bird/img_2.jpg" not in elements
     assert info.skipped_files == {"train": (), "test": ("009.Gamma_bird/img_2.jpg",)}
     warnings = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
-    assert warnings == ["CUB test split: skipped 1 undecodable images: 009.Gamma_bird/img_2.jpg"]
+    assert warnings == ["CUB folder test split: skipped 1 undecodable images: 009.Gamma_bird/img_2.jpg"]
 
 
 def test_valid_rgb_jpeg_is_stored_byte_for_byte(cub_folder):
     root, _ = cub_folder
     path = os.path.join(root, "images", "002.Alpha_bird/img_0.jpg")
-    assert cub.as_rgb_jpeg_bytes(path) == open(path, "rb").read()
-    converted = cub.as_rgb_jpeg_bytes(os.path.join(root, "images", "005.Beta_bird/img_3.jpg"))
+    assert images.as_rgb_jpeg_bytes(path) == open(path, "rb").read()
+    converted = images.as_rgb_jpeg_bytes(os.path.join(root, "images", "005.Beta_bird/img_3.jpg"))
     assert Image.open(io.BytesIO(converted)).format == "JPEG"
 
 
 def test_second_load_reuses_the_build(cub_folder, tmp_path, monkeypatch):
     root, _ = cub_folder
     data_dir = str(tmp_path / "tfds")
-    _, first = cub.load_cub_sources(root, data_dir)
+    _, first = builder.load_sources(cub.DATA_SET, root, data_dir)
     stamps = {name: os.stat(os.path.join(first.builder_dir, name)).st_mtime_ns for name in os.listdir(first.builder_dir)}
 
     def fail_if_rebuilt(*args, **kwargs):
         raise AssertionError("rebuilt")
 
-    monkeypatch.setattr(cub.CubFolder, "_split_generators", fail_if_rebuilt)
-    sources, second = cub.load_cub_sources(root, data_dir)
+    monkeypatch.setattr(builder.FolderBuild, "_split_generators", fail_if_rebuilt)
+    sources, second = builder.load_sources(cub.DATA_SET, root, data_dir)
     assert second == first
     assert {n: os.stat(os.path.join(first.builder_dir, n)).st_mtime_ns for n in stamps} == stamps
     assert len(sources["train"]) == 6
@@ -150,8 +150,8 @@ def test_different_folders_get_different_builds(cub_folder, tmp_path):
         lines = open(os.path.join(smaller, name)).readlines()
         open(os.path.join(smaller, name), "w").writelines(lines[:8])  # Drops class 9.
     data_dir = str(tmp_path / "tfds")
-    _, full = cub.load_cub_sources(root, data_dir)
-    _, part = cub.load_cub_sources(smaller, data_dir)
+    _, full = builder.load_sources(cub.DATA_SET, root, data_dir)
+    _, part = builder.load_sources(cub.DATA_SET, smaller, data_dir)
     assert (full.num_classes, part.num_classes) == (3, 2)
     assert full.builder_dir != part.builder_dir
     assert part.split_sizes == {"train": 4, "test": 4}
@@ -159,7 +159,7 @@ def test_different_folders_get_different_builds(cub_folder, tmp_path):
 
 def test_missing_folder_names_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist.*config\.data\.manual_dir"):
-        cub.load_cub_sources(str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
 
 
 @pytest.mark.parametrize("missing", ["images.txt", "image_class_labels.txt", "train_test_split.txt", "images"])
@@ -168,7 +168,7 @@ def test_missing_layout_part_names_it_and_the_config_key(cub_folder, tmp_path, m
     path = os.path.join(root, missing)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     with pytest.raises(FileNotFoundError, match=rf"lacks {missing}.*config\.data\.manual_dir"):
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
 
 
 def test_inconsistent_image_ids_are_a_layout_error(cub_folder, tmp_path):
@@ -176,28 +176,28 @@ def test_inconsistent_image_ids_are_a_layout_error(cub_folder, tmp_path):
     lines = open(os.path.join(root, "train_test_split.txt")).readlines()
     open(os.path.join(root, "train_test_split.txt"), "w").writelines(lines[1:])
     with pytest.raises(ValueError, match=r"train_test_split\.txt differ from images\.txt.*config\.data\.manual_dir"):
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
 
 
 def test_class_missing_from_classes_txt_is_a_layout_error(cub_folder, tmp_path):
     root, _ = cub_folder
     _write_index(root, "classes.txt", [(2, CLASSES[2]), (5, CLASSES[5])])
     with pytest.raises(ValueError, match=r"class ids \[9\].*classes\.txt"):
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
 
 
 def test_empty_split_is_an_error(cub_folder, tmp_path):
     root, _ = cub_folder
     _write_index(root, "train_test_split.txt", [(i, 1) for i in range(1, 13)])
     with pytest.raises(ValueError, match="leaves the test split empty"):
-        cub.load_cub_sources(root, str(tmp_path / "tfds"))
+        builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
 
 
 @pytest.fixture(scope="module")
 def subset_build(tmp_path_factory):
     if not os.path.isdir(SUBSET_DIR):
         pytest.skip(f"shared CUB subset absent at {SUBSET_DIR}")
-    return cub.load_cub_sources(SUBSET_DIR, str(tmp_path_factory.mktemp("tfds")))
+    return builder.load_sources(cub.DATA_SET, SUBSET_DIR, str(tmp_path_factory.mktemp("tfds")))
 
 
 def test_shared_subset_builds_with_official_split(subset_build):
@@ -212,19 +212,19 @@ def test_shared_subset_builds_with_official_split(subset_build):
 
 BUILD_AT_ONCE = """
 import json, os, sys, time
-from fgpair_jax.data import cub
+from fgpair_jax.data import builder, cub, images
 
-generate = cub.CubFolder._generate_examples
+generate = builder.FolderBuild._generate_examples
 def slow_generate(self, *args):  # a build that takes a while: the other process tries meanwhile
     time.sleep(1.0)
     yield from generate(self, *args)
-cub.CubFolder._generate_examples = slow_generate
+builder.FolderBuild._generate_examples = slow_generate
 
 root, data_dir, ready, index = sys.argv[1:]
 open(f"{ready}.{index}", "w").close()
 while not all(os.path.exists(f"{ready}.{i}") for i in "01"):  # start both loads together
     time.sleep(0.01)
-sources, info = cub.load_cub_sources(root, data_dir)
+sources, info = builder.load_sources(cub.DATA_SET, root, data_dir)
 print(json.dumps({"sizes": info.split_sizes, "dir": info.builder_dir, "first": int(sources["train"][0]["image_id"])}))
 """
 
@@ -247,7 +247,7 @@ def test_two_processes_building_the_same_folder_at_once_build_it_once(cub_folder
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert results[0] == results[1] and results[0]["sizes"] == {"train": 6, "test": 5}
     assert sum("Waiting for another process to finish building" in err for _, err in outputs) == 1
-    builds = os.path.join(data_dir, cub.CubFolder.name)
+    builds = os.path.join(data_dir, builder.FolderBuild.name)
     assert sorted(os.listdir(builds)) == sorted([os.path.basename(os.path.dirname(results[0]["dir"])),
                                                  os.path.basename(os.path.dirname(results[0]["dir"])) + ".lock"])
     assert os.listdir(os.path.dirname(results[0]["dir"])) == [os.path.basename(results[0]["dir"])]  # no incomplete.*
@@ -260,20 +260,20 @@ def test_an_interrupted_builds_incomplete_folder_is_removed_by_the_next_build(cu
     next load holds the build lock, so no other process is building: it removes the folder, in one line."""
     root, _ = cub_folder
     data_dir = str(tmp_path / "tfds")
-    config_dir = os.path.join(data_dir, cub.CubFolder.name, cub.CubFolderConfig.from_folder(root).name)
+    config_dir = os.path.join(data_dir, builder.FolderBuild.name, builder.build_config(cub.DATA_SET, root).name)
     if already_built:
-        cub.load_cub_sources(root, data_dir)
+        builder.load_sources(cub.DATA_SET, root, data_dir)
     stale = [os.path.join(config_dir, f"incomplete.{suffix}_{version}")
-             for suffix, version in (("Q7K2ZP", "1.1.0"), ("AB12CD", "1.0.0"))]
+             for suffix, version in (("Q7K2ZP", "2.0.0"), ("AB12CD", "1.1.0"))]
     for folder in stale:
         os.makedirs(folder)
         open(os.path.join(folder, "cub_folder-train.array_record-00000-of-00001"), "wb").write(b"\0" * 100)
-    other_config = os.path.join(data_dir, cub.CubFolder.name, "classes7_0000000000", "incomplete.ZZZZZZ_1.1.0")
+    other_config = os.path.join(data_dir, builder.FolderBuild.name, "cub_classes7_0000000000", "incomplete.ZZZZZZ_2.0.0")
     os.makedirs(other_config)  # another folder's build: its own lock covers it, not this one's
-    with caplog.at_level(logging.WARNING, logger=cub.__name__):
-        _, info = cub.load_cub_sources(root, data_dir)
+    with caplog.at_level(logging.WARNING, logger=builder.__name__):
+        _, info = builder.load_sources(cub.DATA_SET, root, data_dir)
     assert info.split_sizes == {"train": 6, "test": 5}
-    assert sorted(os.listdir(config_dir)) == ["1.1.0"]
+    assert sorted(os.listdir(config_dir)) == ["2.0.0"]
     assert os.path.isdir(other_config)
     messages = [m for m in caplog.messages if "incomplete." in m]
     assert len(messages) == 1 and "\n" not in messages[0], caplog.messages
@@ -281,8 +281,8 @@ def test_an_interrupted_builds_incomplete_folder_is_removed_by_the_next_build(cu
     assert all(os.path.basename(folder) in messages[0] for folder in stale)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=cub.__name__):
-        cub.load_cub_sources(root, data_dir)
+    with caplog.at_level(logging.WARNING, logger=builder.__name__):
+        builder.load_sources(cub.DATA_SET, root, data_dir)
     assert not [m for m in caplog.messages if "incomplete." in m]
 
 
@@ -325,7 +325,7 @@ def test_each_image_folder_is_listed_once_per_build(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "listdir", counting(real_listdir))
     monkeypatch.setattr(os, "scandir", counting(real_scandir))
-    sources, info = cub.load_cub_sources(root, str(tmp_path / "tfds"))
+    sources, info = builder.load_sources(cub.DATA_SET, root, str(tmp_path / "tfds"))
     assert sorted(listed) == sorted(set(listed)) and folder in listed, listed
     assert info.split_sizes == {"train": 6, "test": 3}
     assert len(info.skipped_by_reason["train"]["missing"]) == len(info.skipped_by_reason["test"]["missing"]) == 100

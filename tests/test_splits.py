@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 from fgpair_jax import checkpointing, run_config
 from fgpair_jax.data import splits
-from fgpair_jax.data.cub import CubSourceInfo
+from fgpair_jax.data.builder import SourceInfo as CubSourceInfo
 
 
 def fake_train(labels):

@@ -1,37 +1,75 @@
-"""Which data set `config.data.name` means, and where its built TFDS copy lives.
+"""Which data set `config.data.name` means, where its build lives, and the sources a run reads.
 
-Register another fine-grained data set (Stanford Cars, FGVC-Aircraft) by adding a loader with the
-signature of `cub.load_cub_sources` (manual_dir, data_dir, *, max_image_pixels) to `LOADERS`.
+Add a data set: one reader module (a `records.DataSet` with its `read_index`; see `cub.py`,
+`image_folder.py`) and one entry in `DATA_SETS`. The shared builder (`builder.py`) does the rest.
 """
 import os
 
-from fgpair_jax.data import cub, splits
+from fgpair_jax.data import aircraft, archives, cars, crops, cub, image_folder, splits
 from fgpair_jax.errors import ConfigError
 
-LOADERS = {"cub": cub.load_cub_sources}
+DATA_SETS = {data_set.name: data_set for data_set in (cub.DATA_SET, cars.DATA_SET, aircraft.DATA_SET,
+                                                         image_folder.DATA_SET)}
+# TFDS's own default (tensorflow_datasets.core.constants.DATA_DIR), named here so that importing this
+# module does not import TFDS.
+TFDS_DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
 
-def resolve_data_dir(config, workdir: str) -> str:
-    """`config.data.data_dir`, else $TFDS_DATA_DIR, else `<workdir>/tfds` (built once, reused on resume)."""
-    return config.data.data_dir or os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "")) or os.path.join(workdir, "tfds")
+def resolve_data_dir(config, workdir: str = "") -> str:
+    """`config.data.data_dir`, else $TFDS_DATA_DIR, else TFDS's default `~/tensorflow_datasets`: one build
+    serves every run (TFDS's convention). `workdir` is unused (runs once kept a copy each in <workdir>/tfds)."""
+    del workdir
+    chosen = config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "") or TFDS_DEFAULT_DATA_DIR
+    return os.path.abspath(os.path.expanduser(chosen))
 
 
 def check_name(name: str) -> None:
     """`ConfigError` naming the registered data sets when `config.data.name` is not one of them."""
-    if name not in LOADERS:
-        raise ConfigError(f"Unknown config.data.name={name!r}; choose one of {sorted(LOADERS)}.")
+    if name not in DATA_SETS:
+        raise ConfigError(f"Unknown config.data.name={name!r}; choose one of {sorted(DATA_SETS)}.")
 
 
-def load_sources(config, workdir: str):
+def check_crops(data_config, has_boxes: bool) -> None:
+    """`ConfigError` for box crops on a build without boxes (the banner is checked with the config:
+    `run_config.validate`)."""
+    if data_config.crop_to_box and not has_boxes:
+        raise ConfigError(f"config.data.crop_to_box=True, but this {data_config.name!r} folder has no bounding boxes "
+                          f"(CUB's bounding_boxes.txt, Cars' and Aircraft's annotations); set it to False.")
+
+
+def build_line(info) -> str:
+    """The run's line saying which build it reads: 'Data: cub (100 classes, 2,697 train / 2,947 test images),
+    build <dir> (reused)'. Sizes are the splits the run reads (with eval_split=val, train minus val / val)."""
+    sizes = info.split_sizes
+    return (f"Data: {info.data_set} ({info.num_classes} classes, {sizes['train']:,} train / {sizes['test']:,} "
+            f"eval images), build {info.builder_dir} ({'built now' if info.built_now else 'reused'})")
+
+
+def load_sources(config, workdir: str = ""):
     """(split -> random-access source, info) for the configured data set, built on first use.
 
-    "train" is what SSL trains on and "test" is what evaluation scores: the test split, or with
-    `config.data.eval_split = "val"` a held-out part of train (`splits.with_validation_as_eval`).
+    `config.data.manual_dir` may be the extracted folder or the official archive(s) (`archives.py`; with
+    `config.data.download`, fetched once where an official address remains). "train" is what SSL trains on
+    and "test" is what evaluation scores: the test split, or with `config.data.eval_split = "val"` a held-out
+    part of train (`splits.with_validation_as_eval`). Read-time crops (`crops.py`) apply to both.
     """
+    from fgpair_jax.data import builder  # TFDS: imported only when data is loaded
+
     check_name(config.data.name)
     splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
-    sources, info = LOADERS[config.data.name](config.data.manual_dir, resolve_data_dir(config, workdir),
-                                              max_image_pixels=config.data.max_image_pixels)
+    data_set = DATA_SETS[config.data.name]
+    data_dir = resolve_data_dir(config)
+    manual_dir = archives.resolve_manual_dir(data_set, config.data.manual_dir, data_dir,
+                                             download=config.data.download)
+    sources, info = builder.load_sources(data_set, manual_dir, data_dir,
+                                         max_image_pixels=config.data.max_image_pixels, data_config=config.data)
+    check_crops(config.data, info.has_boxes)
+    chosen = []
+    if config.data.aircraft_remove_banner:
+        chosen.append(crops.without_bottom_rows(aircraft.BANNER_ROWS))
+    if config.data.crop_to_box:
+        chosen.append(crops.to_box)
+    sources = crops.apply(sources, chosen)
     if config.data.eval_split == "val":
         sources, info = splits.with_validation_as_eval(sources, info, config.data.val_fraction)
     return sources, info

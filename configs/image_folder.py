@@ -1,0 +1,23 @@
+"""any class-per-folder data set (train/<class>/, test/<class>/, as ImageFolder and LCR read it) configs: `get_config()` is the paper's protocol, `get_config("quick")` fits a 2-core CPU.
+
+Use: python -m fgpair_jax.main --config=configs/image_folder.py[:quick] --config.data.manual_dir=DIR --workdir=W
+DIR: the folder holding train/ and test/ (README: Data sets); $FGPAIR_IMAGE_FOLDER_DIR sets the default. Every knob and its reason: configs/common.py.
+"""
+import importlib.util
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _common():
+    """configs/common.py, loaded by path (config files are not a package; no sys.path edit)."""
+    spec = importlib.util.spec_from_file_location("fgpair_configs_common", os.path.join(_HERE, "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str = ""):
+    """configs/common.py's `get_config(arg)` on image_folder. Raises ValueError for an unknown variant."""
+    return _common().get_config(arg, data_set="image_folder", manual_dir=os.environ.get("FGPAIR_IMAGE_FOLDER_DIR", ""),
+                                config_file="configs/image_folder.py")
