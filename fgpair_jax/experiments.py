@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from fgpair_jax import cli, run_config
 from fgpair_jax.atomic_files import write_atomically
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.evaluation.similarity import linear_cka
 from fgpair_jax.methods import BASELINE, experiment_arms
@@ -110,6 +111,24 @@ def mean_and_interval(values) -> tuple:
     return float(values.mean()), float(half)
 
 
+def data_of(records: list) -> str:
+    """What the runs were trained and scored on, e.g. 'cub (CUB_200_2011_subset100), eval split val', for the
+    table and the plot; '' for records without a config. One results folder holds one data set and split:
+    `ConfigError` naming both when its runs disagree (their table would compare unlike numbers)."""
+    seen = {}
+    for record in records:
+        data = record.get("config", {}).get("data", {})
+        if data:
+            folder = os.path.basename(os.path.normpath(data.get("manual_dir", ""))) or "download"
+            seen.setdefault(f"{data.get('name', 'cub')} ({folder}), eval split {data.get('eval_split', 'test')}",
+                            f"{record['arm']} seed {record['seed']}")
+    if len(seen) > 1:
+        (first, a), (second, b) = list(seen.items())[:2]
+        raise ConfigError(f"The results folder mixes data sets or splits: {a} ran on {first}, {b} on {second}; "
+                          f"give each data set its own --results and --root.")
+    return next(iter(seen), "")
+
+
 def summarize(records: list) -> dict:
     """Per arm: seeds, mean and 95% CI of each headline metric, and the seed-paired gain over `BASELINE`."""
     by_arm = {}
@@ -159,7 +178,7 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: str) -> None:
+def plot(summary: dict, path: str, data: str = "") -> None:
     """Bar chart: linear top-1 and retrieval rank-1 per arm with 95% CI error bars."""
     from matplotlib.figure import Figure  # object-oriented: no pyplot, no global backend switch
 
@@ -175,7 +194,7 @@ def plot(summary: dict, path: str) -> None:
         axis.set_ylim(max(0.0, low - 3), max(m + e for m, e in zip(means, errors)) + 2)
         axis.set_title(title)
         axis.tick_params(axis="x", rotation=30)
-    fig.suptitle("CUB subset, mean ± 95% CI over seeds")
+    fig.suptitle(f"{data}: mean ± 95% CI over seeds" if data else "mean ± 95% CI over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -244,14 +263,16 @@ def write_report(results: str, root: str = "") -> dict:
     """summary.json, table.md and plot.png under `results` from every finished run there, and, given
     `root`, feature_drift.json from the features the runs' workdirs still hold (once, at the end: it
     costs a few D x D products per pair of runs)."""
-    summary = summarize(load_records(results))
+    records = load_records(results)
+    data = data_of(records)
+    summary = summarize(records)
     if not summary:
         return summary
     with open(os.path.join(results, "summary.json"), "w") as f:
         json.dump(_nan_as_null(summary), f, indent=2, allow_nan=False)
     with open(os.path.join(results, "table.md"), "w") as f:
-        f.write(markdown_table(summary))
-    plot(summary, os.path.join(results, "plot.png"))
+        f.write((f"Data: {data}\n\n" if data else "") + markdown_table(summary))
+    plot(summary, os.path.join(results, "plot.png"), data)
     runs = finished_features(root) if root else {}
     if runs:
         with open(os.path.join(results, "feature_drift.json"), "w") as f:
@@ -268,7 +289,9 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"Unknown arm(s) {unknown}; choose from {sorted(ARMS)}.")
     os.makedirs(args.results, exist_ok=True)
-    if not args.summary_only:
+    if not args.summary_only:  # before any training: this experiment's data must be the folder's
+        this = {"arm": "this experiment", "seed": "", "config": {"data": args.config.data.to_dict()}}
+        data_of(load_records(args.results) + [this])
         for seed in seeds:  # seed-major: a partial experiment still has every arm for the first seeds
             for arm in args.arms:
                 announce(f"=== {run_name(arm, seed)} ===")

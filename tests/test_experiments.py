@@ -130,3 +130,18 @@ def test_init_reference_gets_no_gain_row_and_one_seed_intervals_are_null_in_json
     assert summary["init"]["gain_over_moco"] == {} and summary["fgpair"]["gain_over_moco"]
     with open(os.path.join(results, "summary.json")) as f:
         assert json.load(f)["fgpair"]["metrics"]["linear_top1"] == [41.0, None]
+
+
+def test_a_results_folder_of_another_data_set_is_refused_before_any_training(tmp_path):
+    """The comparison runner runs on each data set; one results folder holds one, named in table.md."""
+    from fgpair_jax.errors import ConfigError
+    cub_run = {"arm": "moco", "seed": 0, "config": {"data": {"name": "cub", "manual_dir": "/d/CUB_200_2011",
+                                                             "eval_split": "test"}}}
+    assert experiments.data_of([cub_run]) == "cub (CUB_200_2011), eval split test"
+    cars_run = {"arm": "lcr", "seed": 1, "config": {"data": {"name": "cars", "manual_dir": "/d/cars/",
+                                                             "eval_split": "test"}}}
+    with pytest.raises(ConfigError) as excinfo:
+        experiments.data_of([cub_run, cars_run])
+    message = str(excinfo.value)
+    assert "\n" not in message and "moco seed 0 ran on cub (CUB_200_2011)" in message and "cars (cars)" in message
+    assert "its own --results" in message
