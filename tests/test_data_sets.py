@@ -188,3 +188,14 @@ def test_each_data_set_trains_and_evaluates_from_the_cli(name, tmp_path):
     assert f"Data: {name} (3 classes" in result.stderr + result.stdout
     metrics = json.load(open(tmp_path / "run" / "eval" / "metrics.json"))
     assert metrics["linear_top1"] is not None and metrics["retrieval_rank1"] is not None
+
+
+@pytest.mark.parametrize("name", DATA_SETS)
+def test_a_missing_folder_names_the_layout_and_how_to_get_the_data(name, tmp_path):
+    with pytest.raises(FileNotFoundError) as excinfo:
+        _load(name, tmp_path / "nowhere", tmp_path / "tfds")
+    message = str(excinfo.value)
+    assert "\n" not in message and "config.data.manual_dir" in message and "does not exist" in message
+    if sources.DATA_SETS[name].download:
+        assert "config.data.download=True" in message
+    assert not (tmp_path / "tfds").exists()

@@ -24,7 +24,7 @@ archive are left in `<data_dir>/extracted/` (another run may still read them); d
 
 Extraction is made in a temporary sibling folder (`<target>.incomplete-<random>`) and renamed to the target
 only when complete, so a killed extraction never looks complete. It runs under an exclusive `fcntl.flock` on
-`<target>.lock` (the pattern of `cub.build_lock`): of two processes resolving the same archive at once, one
+`<target>.lock` (the pattern of `builder.build_lock`): of two processes resolving the same archive at once, one
 extracts and the other waits and reuses the result; the holder of the lock removes temporary folders an
 earlier, killed extraction left. Downloads hold one lock on `<data_dir>/downloads/.lock` the same way.
 
@@ -275,7 +275,7 @@ def _remove_incomplete(target: str) -> None:
 
 @contextlib.contextmanager
 def _exclusive(path: str, what: str):
-    """Holds an exclusive `fcntl.flock` on `path` (as `cub.build_lock`); a process that has to wait says so."""
+    """Holds an exclusive `fcntl.flock` on `path` (as `builder.build_lock`); a process that has to wait says so."""
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,7 +6,7 @@ Add a data set: one reader module (a `records.DataSet` with its `read_index`; se
 import os
 
 from fgpair_jax.data import aircraft, archives, cars, crops, cub, image_folder, splits
-from fgpair_jax.errors import ConfigError
+from fgpair_jax.errors import ConfigError, MissingFileError
 
 DATA_SETS = {data_set.name: data_set for data_set in (cub.DATA_SET, cars.DATA_SET, aircraft.DATA_SET,
                                                          image_folder.DATA_SET)}
@@ -37,6 +37,16 @@ def check_crops(data_config, has_boxes: bool) -> None:
                           f"(CUB's bounding_boxes.txt, Cars' and Aircraft's annotations); set it to False.")
 
 
+def check_manual_dir(data_set, manual_dir: str, download: bool) -> None:
+    """One-line `MissingFileError` for a `manual_dir` that does not exist when no download was asked for,
+    naming the layout, and for a data set with an official address the download knob."""
+    if download or (manual_dir and os.path.exists(manual_dir)):
+        return
+    fetch = (f" (or set config.data.download=True to fetch {data_set.download.file_name} once from "
+             f"{data_set.download.url})" if data_set.download else f" ({data_set.manual_download})")
+    raise MissingFileError(f"config.data.manual_dir={manual_dir!r} does not exist; {data_set.expected_layout}{fetch}.")
+
+
 def build_line(info) -> str:
     """The run's line saying which build it reads: 'Data: cub (100 classes, 2,697 train / 2,947 test images),
     build <dir> (reused)'. Sizes are the splits the run reads (with eval_split=val, train minus val / val)."""
@@ -59,6 +69,7 @@ def load_sources(config, workdir: str = ""):
     splits.check_eval_split(config.data.eval_split, config.data.val_fraction)
     data_set = DATA_SETS[config.data.name]
     data_dir = resolve_data_dir(config)
+    check_manual_dir(data_set, config.data.manual_dir, config.data.download)
     manual_dir = archives.resolve_manual_dir(data_set, config.data.manual_dir, data_dir,
                                              download=config.data.download)
     sources, info = builder.load_sources(data_set, manual_dir, data_dir,
