@@ -143,9 +143,10 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
         # 2. 2 processes x 2 devices (launch/local.sh, explicit JAX_* variables); process 1 gets SIGTERM when it
         # reads step 2's batch. Both build the data set into one fresh folder at once (one builds, one waits).
         run, logs, record = str(tmp_path / "mp"), str(tmp_path / "mp_logs"), str(tmp_path / "mp_batches")
+        mp_data = f"--config.data.data_dir={tmp_path / 'mp_tfds'}"  # fresh: the reference's build is elsewhere
         env = base_env(1, DEVICES_PER_PROCESS="2", LOG_DIR=logs, FGPAIR_TEST_RECORD=record,
                        FGPAIR_TEST_SIGNAL="1:2:SIGTERM", **QUICK_LIVENESS)
-        job = processes.start([LOCAL_SH, "2", sys.executable, WORKER, *common, f"--workdir={run}"], env,
+        job = processes.start([LOCAL_SH, "2", sys.executable, WORKER, *common, mp_data, f"--workdir={run}"], env,
                               str(tmp_path / "local_sh.log"))
         log0 = os.path.join(logs, "process_0.log")
         assert wait(job, "the 2 x 2 run", log0) == 0, read(log0)[-3000:] + read(os.path.join(logs, "process_1.log"))[-3000:]
@@ -158,7 +159,7 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
         assert max(batches_read(record, 0)) == max(batches_read(record, 1)) == stop_step
         assert os.path.isdir(os.path.join(run, "checkpoints", str(stop_step)))
         assert not os.path.exists(os.path.join(run, "eval", "metrics.json"))
-        builds = os.listdir(os.path.join(run, "tfds", "cub_folder"))
+        builds = os.listdir(os.path.join(tmp_path, "mp_tfds", "fgpair_folder"))
         assert len([name for name in builds if not name.endswith(".lock")]) == 1, builds
         phase("2 x 2 until SIGTERM")
         one_device = str(tmp_path / "one_device")
@@ -167,7 +168,7 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
         # 3. The same command again, now as the 2 tasks of an srun step: resumes and finishes.
         port, resume_logs = free_port(), [str(tmp_path / f"resume_{i}.log") for i in range(2)]
         env = base_env(2, FGPAIR_TEST_RECORD=record, **QUICK_LIVENESS)
-        tasks = [processes.start([sys.executable, WORKER, *common, f"--workdir={run}"], slurm_env(env, i, port),
+        tasks = [processes.start([sys.executable, WORKER, *common, mp_data, f"--workdir={run}"], slurm_env(env, i, port),
                                  resume_logs[i]) for i in range(2)]
         for i, task in enumerate(tasks):
             assert wait(task, f"srun task {i}", resume_logs[i]) == 0, read(resume_logs[i])[-3000:]

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 from fgpair_jax import checkpointing, run_config
 from fgpair_jax.data import splits
-from fgpair_jax.data.builder import SourceInfo as CubSourceInfo
+from fgpair_jax.data.builder import SourceInfo
 
 
 def fake_train(labels):
@@ -14,7 +14,7 @@ def fake_train(labels):
 
 
 def fake_info(train_size, test_size):
-    return CubSourceInfo(num_classes=3, class_ids=(1, 2, 3), class_names=("a", "b", "c"),
+    return SourceInfo(num_classes=3, class_ids=(1, 2, 3), class_names=("a", "b", "c"),
                          split_sizes={"train": train_size, "test": test_size},
                          skipped_files={"train": (), "test": ()}, builder_dir="/nowhere")
 
