@@ -73,7 +73,7 @@ def test_the_restore_template_is_abstract_and_sharded(tmp_path):
 @pytest.mark.parametrize("key,value,named", [
     ("method", "mocco", "config.method='mocco'"),
     ("model.name", "resnet51", "config.model.name='resnet51'"),
-    ("data.name", "cars", "config.data.name='cars'"),
+    ("data.name", "stanford_dogs", "config.data.name='stanford_dogs'"),
     ("fgpair.criterion", "low", "config.fgpair.criterion='low'"),
     ("fgpair.variance_fraction", 1.5, "config.fgpair.variance_fraction=1.5"),
     ("optim.learning_rate", -0.1, "config.optim.learning_rate=-0.1"),
