@@ -33,7 +33,7 @@ def run(num_steps: int, method: str = "moco"):
     config = tiny_config(method=method, **{"fgpair.decoder_optimizer": "sgd", "moco.queue_size": 16})
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config, steps_per_epoch=10)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     state = jax.device_put(state, parallel.replicated(mesh))
     train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=10)
     history = []

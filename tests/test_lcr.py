@@ -159,7 +159,7 @@ def test_eval_min_max_runs_per_gpu_chunk_and_ignores_padding():
 def lcr_setup(groups):
     config = tiny_config(method="lcr", **{"data.image_size": 64, "model.bn_groups": groups})
     tx = optim.make_optimizer(config, steps_per_epoch=1000)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     rng = np.random.default_rng(0)
     shape = (config.global_batch_size, 64, 64, 3)
     view1, view2 = (augment.normalize(jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))) for _ in range(2))

@@ -49,7 +49,7 @@ def nan_method(monkeypatch):
 def test_a_nonfinite_step_changes_nothing_but_step_and_rng(nan_method):
     config = tiny_config(method=nan_method("nan_always", 1))
     tx = optim.make_optimizer(config, steps_per_epoch=10)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     train_step = jax.jit(lambda s, b: step_lib.train_step(s, b, config=config, tx=tx, steps_per_epoch=10))
     rng = np.random.default_rng(0)
     shape = (8, 32, 32, 3)
@@ -58,7 +58,8 @@ def test_a_nonfinite_step_changes_nothing_but_step_and_rng(nan_method):
     after, metrics = jax.device_get(train_step(state, batch))
     assert not metrics["finite"] and np.isnan(metrics["loss"])
     assert int(after.step) == 1 and not np.array_equal(after.rng, before.rng)
-    for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state", "queue", "queue_pointer"):
+    assert set(before.method_state) == {"ema_params", "ema_batch_stats", "queue", "queue_pointer"}
+    for field in ("params", "batch_stats", "opt_state", "method_state"):
         for a, b in zip(jax.tree.leaves(getattr(after, field)), jax.tree.leaves(getattr(before, field))):
             np.testing.assert_array_equal(a, b, err_msg=field)
 
