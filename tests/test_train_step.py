@@ -23,8 +23,10 @@ def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = 
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("method", ["moco", "fgpair"])
+@pytest.mark.parametrize("method", ["moco", "fgpair", "simsiam", "byol", "fgpair_simsiam"])
 def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
+    """simsiam and byol normalise over the global batch (SyncBN): their BN statistics, hence every leaf,
+    must not depend on how many devices hold the batch either."""
     one = run_in_subprocess(tmp_path, 1, 1, method)
     two = run_in_subprocess(tmp_path, 2, 1, method)
     assert int(one.pop("devices")) == 1 and int(two.pop("devices")) == 2
