@@ -177,7 +177,8 @@ def test_loss_uses_the_per_group_mean_gradient_and_sums_the_kl(groups):
 
     def group_ce(a, g):
         projection = moco.project(frozen, jnp.mean(a, axis=(1, 2)), config)
-        return contrastive.info_nce(projection, keys[g * size:(g + 1) * size], state.queue, config.moco.temperature)[0]
+        return contrastive.info_nce(projection, keys[g * size:(g + 1) * size], state.method_state["queue"],
+                                    config.moco.temperature)[0]
 
     gradient = jnp.concatenate([jax.grad(group_ce)(feature_map[g * size:(g + 1) * size], g) for g in range(groups)])
     # The branch's batch statistics per group, as the original's per-GPU bn16 in train mode.
