@@ -352,7 +352,7 @@ def compile_step(config, num_train: int, mesh):
     record = {
         "method": config.method, "model": config.model.name, "dtype": config.model.dtype,
         "image_size": config.data.image_size, "global_batch_size": config.global_batch_size,
-        "queue_size": run_plan.queue_size, "steps_per_epoch": run_plan.steps_per_epoch, "lower_seconds": lower_seconds, "compile_seconds": compile_seconds,
+        **run_plan.method_sizes, "steps_per_epoch": run_plan.steps_per_epoch, "lower_seconds": lower_seconds, "compile_seconds": compile_seconds,
         "flops_per_step_per_device": flops,
         "flops_per_image": flops * jax.device_count() / config.global_batch_size if flops else None,
         "while_loops": while_loops(lowered.as_text(), compiled.as_text()),
@@ -416,9 +416,9 @@ def device_memory() -> dict:
     return {name: stats.get(name) for name in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
 
 
-def time_step(config, tx, compiled, queue_size: int, mesh, warmup: int, steps: int) -> dict:
+def time_step(config, tx, compiled, sizes: dict, mesh, warmup: int, steps: int) -> dict:
     """Seconds per step of `compiled` from a fresh random state on two alternating random uint8 batches."""
-    state = state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(config.seed), tx, sizes)
     state = jax.device_put(state, parallel.replicated(mesh))
     batches = [parallel.global_batch(random_batch(config, seed), mesh) for seed in range(2)]
     for index in range(warmup):
@@ -464,8 +464,8 @@ def benchmark_step(config, num_train: int, mesh, environment_record: dict) -> di
     """Compile + time one (method, batch) of `config`; the step program is the one a run of `config`
     on `num_train` images compiles (same schedule, queue and shapes)."""
     tx, compiled, record = compile_step(config, num_train, mesh)
-    queue_size = state_lib.resolve_queue_size(config, num_train)
-    record.update(time_step(config, tx, compiled, queue_size, mesh, _WARMUP_STEPS.value, _TIMED_STEPS.value))
+    sizes = state_lib.method_sizes(config, num_train)
+    record.update(time_step(config, tx, compiled, sizes, mesh, _WARMUP_STEPS.value, _TIMED_STEPS.value))
     peak = environment_record["bf16_dense_peak_flops_per_device"]
     record["mfu"] = mfu(record["flops_per_step_per_device"], record["seconds_per_step"], peak)
     cpu_flops = cpu_flops_per_image(config.method, config.fgpair.pair_stride)
@@ -536,7 +536,7 @@ def training_run(config, workdir: str, num_train: int) -> dict:
               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and config.num_epochs:
         steps_per_epoch = pipeline.steps_per_epoch(num_train, config.global_batch_size)
-        queue_fill = state_lib.resolve_queue_size(config, num_train) // config.global_batch_size
+        queue_fill = state_lib.method_sizes(config, num_train).get("queue_size", 0) // config.global_batch_size
         record["log"] = loss_summary(workdir, steps_per_epoch, queue_fill)
     return record
 
@@ -694,8 +694,8 @@ def probe_rate(config, source, num_train: int, mesh) -> dict:
     """Compile seconds and seconds per step of `config`'s step fed by the real input pipeline (with
     `config.data.worker_count` workers), over up to one epoch after warm-up: the rate a run will see."""
     tx, compiled, record = compile_step(config, num_train, mesh)
-    queue_size = state_lib.resolve_queue_size(config, num_train)
-    state = jax.device_put(state_lib.create_train_state(config, jax.random.key(config.seed), tx, queue_size),
+    state = jax.device_put(state_lib.create_train_state(config, jax.random.key(config.seed), tx,
+                                                        state_lib.method_sizes(config, num_train)),
                            parallel.replicated(mesh))
     dataset = pipeline.train_dataset(source, global_batch_size=config.global_batch_size,
                                      image_size=config.data.image_size, seed=config.seed,

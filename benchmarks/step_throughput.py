@@ -39,7 +39,8 @@ def time_method(config, steps: int) -> dict:
     queue_size = config.moco.queue_size or 16 * config.global_batch_size
     with config.unlocked():
         config.moco.queue_size = queue_size
-    state = jax.device_put(state_lib.create_train_state(config, jax.random.key(0), tx, queue_size),
+    state = jax.device_put(state_lib.create_train_state(config, jax.random.key(0), tx,
+                                                        state_lib.method_sizes(config, None)),
                            parallel.replicated(mesh))
     train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch)
     batches = [parallel.global_batch(synthetic_batch(config, i), mesh) for i in range(2)]

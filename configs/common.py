@@ -31,7 +31,7 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
         raise ValueError(f"{config_file} takes one of {', '.join(repr(v) for v in VARIANTS)}, not {arg!r}.")
 
     c = ml_collections.ConfigDict()
-    c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr
+    c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr | simsiam | byol
     c.seed = 0  # one seed drives init, data order, augmentation
     c.num_epochs = 100  # paper: 100 epochs
     c.global_batch_size = 128  # paper: 128, summed over all devices and hosts
@@ -111,6 +111,18 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     c.fgpair.decode_from = "pooled"  # decoder input: pooled (h, our reading) | feature_map (layout kept)
     c.fgpair.pair_mode = "decoded"  # decoded: (d(h), d(h')) | residual: (x, x + d(h') - d(h)); our reading: decoded
     c.fgpair.log_gradient_share = False  # log ||d(nu_t L_Cp)/d encoder|| / ||the rest||: one more backward pass
+    c.fgpair.base = "moco"  # SSL method under the pairs, giving L_C and L_Cp's form: moco (paper) | simsiam | byol
+
+    c.simsiam = ml_collections.ConfigDict()  # SimSiam baseline (Chen & He 2021), facebookresearch/simsiam (methods/simsiam.py)
+    c.simsiam.dim = 0  # projector output width; 0 = the encoder's width (2048 at ResNet-50, SimSiam's --dim 2048)
+    c.simsiam.pred_dim = 0  # predictor bottleneck width; 0 = dim / 4 (SimSiam's --pred-dim 512 at dim 2048)
+    c.simsiam.hidden_dim = 0  # projector hidden width; 0 = the encoder's width (builder.py: prev_dim)
+    c.simsiam.fix_pred_lr = True  # predictor at the constant peak learning rate (SimSiam's recommended --fix-pred-lr)
+
+    c.byol = ml_collections.ConfigDict()  # BYOL baseline (Grill et al. 2020), deepmind-research byol/ (methods/byol.py)
+    c.byol.base_momentum = 0.996  # tau_base of the target EMA, cosine-annealed to 1 over the run (BYOL: 0.996)
+    c.byol.dim = 256  # projector / predictor output width (BYOL: 256)
+    c.byol.hidden_dim = 0  # projector / predictor hidden width; 0 = twice the encoder's width (BYOL: 4096 at ResNet-50)
 
     c.lcr = ml_collections.ConfigDict()  # LCR baseline (CVPR 2023), ported from GANPerf/LCR (methods/lcr.py)
     c.lcr.nu = 0.01  # weight of the row-wise KL(gradient x activation map || attention) (LCR: --nu 0.01)

@@ -17,6 +17,11 @@ used. If none restores, `CheckpointReadError` says so in one line and nothing on
 is deleted while it is read (evaluation beside a training run whose `keep_checkpoints` drops old steps) is
 said in one line and the walk starts again from the step that is newest then, a bounded number of times.
 
+Layouts: format 3 (issue 24) saves a `TrainState` whose method-specific part is the method's own
+`method_state`; format 2 gave every method MoCo's queue and momentum-encoder fields. A format-2 checkpoint of
+a method that had that layout (moco, lcr, fgpair on moco) restores through `LegacyFormat` (its old template,
+fingerprint and the conversion to today's state, `state.legacy_layout`); any other is refused in one line.
+
 Paths: orbax reads parts of a checkpoint path as a glob pattern when it finalises a save, so under a path
 holding `[...]` every save "succeeds" but no checkpoint can ever be restored (renaming the folder afterwards
 does not help). Such paths are refused when the `Checkpointer` is made, before any training.
@@ -26,7 +31,7 @@ import inspect
 import os
 import re
 import sys
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -36,7 +41,16 @@ from fgpair_jax import run_config
 from fgpair_jax.errors import ConfigError, UserError
 from fgpair_jax.metrics_writer import announce
 
-FORMAT_VERSION = 2  # 2: the data iterator's state is saved beside the train state
+FORMAT_VERSION = 3  # 2: the data iterator's state is saved beside the train state; 3: the method owns its state
+LEGACY_FORMAT = 2  # the format `LegacyFormat` restores
+
+
+class LegacyFormat(NamedTuple):
+    """How a checkpoint of `LEGACY_FORMAT` restores: its expected `fingerprint`, the abstract `template` it is
+    read into, and `convert` (restored legacy state -> today's state)."""
+    fingerprint: dict
+    template: Any
+    convert: Callable[[Any], Any]
 ITEM_NAMES = ("state", "meta", "data")  # the items every checkpoint of FORMAT_VERSION 2 holds
 MAX_RELISTINGS = 3  # times a restore starts again when the step it reads is deleted meanwhile
 TEMPORARY_MARK = ".orbax-checkpoint-tmp"  # orbax writes step N into `N.orbax-checkpoint-tmp[-<time>]`, then renames it
@@ -95,7 +109,7 @@ def max_to_keep(keep: int) -> Optional[int]:
     return keep if keep >= 1 else None
 
 
-def fingerprint(config, state) -> dict:
+def fingerprint(config, state, format_version: int = FORMAT_VERSION) -> dict:
     """What must match for a checkpoint to be resumable: method, model, resolution, the images SSL
     trains on (all of train, or train minus a tuning split), every shape, and every other key that
     defines training (`run_config.training_fingerprint`: a changed schedule would splice two runs)."""
@@ -104,7 +118,7 @@ def fingerprint(config, state) -> dict:
         for path, leaf in jax.tree_util.tree_leaves_with_path(state)
     }
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "method": config.method,
         "model": config.model.name,
         "image_size": config.data.image_size,
@@ -245,10 +259,11 @@ class Checkpointer:
     After `restore`, `restored_step` is the step actually restored (None before).
     """
 
-    def __init__(self, directory: str, keep: int, expected_fingerprint: dict):
+    def __init__(self, directory: str, keep: int, expected_fingerprint: dict, legacy: Optional[LegacyFormat] = None):
         check_directory(directory)
         self.directory = os.path.abspath(directory)
         self.expected_fingerprint = expected_fingerprint
+        self.legacy = legacy
         self.restored_step: Optional[int] = None
         self._restored_data: Optional[dict] = None  # the data position read with `restored_step`'s state
         self.manager = ocp.CheckpointManager(
@@ -261,15 +276,24 @@ class Checkpointer:
         """The newest saved step (None if none); `restore` may walk back from it past damaged ones."""
         return self.manager.latest_step()
 
-    def check_compatible(self, step: int) -> None:
-        """Raise `CheckpointMismatchError` (one line) if the checkpoint at `step` was written by something else."""
+    def check_compatible(self, step: int) -> Optional[LegacyFormat]:
+        """Raise `CheckpointMismatchError` (one line) if the checkpoint at `step` was written by something else;
+        returns `self.legacy` when it is a compatible checkpoint of `LEGACY_FORMAT`, else None."""
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        problem = describe_mismatch(saved, self.expected_fingerprint)
+        legacy = saved.get("format_version") == LEGACY_FORMAT and self.expected_fingerprint["format_version"] != LEGACY_FORMAT
+        if legacy and self.legacy is None:  # e.g. a moco checkpoint under method simsiam: say which key differs
+            problem = describe_mismatch(dict(saved, format_version=FORMAT_VERSION, shapes={}),
+                                        dict(self.expected_fingerprint, shapes={})) or (
+                f"it was written in checkpoint format {LEGACY_FORMAT} (before methods owned their state), which only "
+                "moco, lcr and fgpair on moco read")
+        else:
+            problem = describe_mismatch(saved, self.legacy.fingerprint if legacy else self.expected_fingerprint)
         if problem:
             raise CheckpointMismatchError(
                 f"Cannot resume from {self.directory}/{step}: {problem}. Use a new --workdir for this config "
                 "(the existing checkpoint was left untouched)."
             )
+        return self.legacy if legacy else None
 
     def restore(self, template_state, step: Optional[int] = None, *, set_aside: bool = True):
         """The state saved at `step`, laid out like `template_state` (shapes, dtypes, shardings).
@@ -318,11 +342,15 @@ class Checkpointer:
 
     def _restore_complete(self, step: int, template_state):
         """Check the fingerprint, then read every item of `step`; returns (state, data position)."""
-        self.check_compatible(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+        legacy = self.check_compatible(step)
+        if legacy is not None:  # read in the old layout, returned in today's
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, legacy.template)
+        else:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
         items = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=items)
-        return restored["state"], restored["data"]
+        state = legacy.convert(restored["state"]) if legacy is not None else restored["state"]
+        return state, restored["data"]
 
     def _step_folders(self) -> list:
         """`step_folders` of the directory as it is now (finished, temporary and oddly named), newest first."""

@@ -48,3 +48,12 @@ def normalize_map(cam: jax.Array, eps: float = 1e-8) -> jax.Array:
     total = jnp.sum(flat, axis=1, keepdims=True)
     uniform = jnp.full_like(flat, 1.0 / flat.shape[1])
     return jnp.where(total > eps, flat / jnp.maximum(total, eps), uniform).reshape(cam.shape)
+
+
+def resized_cam(loss_of_feature_map: Callable[[jax.Array], jax.Array], feature_map: jax.Array,
+                image_size: int) -> jax.Array:
+    """Grad-CAM maps [B, S, S] in [0, 1] of a loss of the feature map [B, h, w, D] (each map divided by its
+    maximum), resized bilinearly to the image size S: what a figure shows of what the loss attends to."""
+    cam = gradcam_maps(feature_map, loss_gradient_wrt_feature_map(loss_of_feature_map, feature_map))
+    cam = cam / jnp.maximum(jnp.max(cam, axis=(1, 2), keepdims=True), 1e-12)
+    return jax.image.resize(cam, (cam.shape[0], image_size, image_size), "bilinear")

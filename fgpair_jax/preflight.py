@@ -46,7 +46,7 @@ def check_errors(config, facts: DataFacts) -> None:
     """Raise `ConfigError` for the first config value that the data makes impossible to run."""
     batch, count = config.global_batch_size, facts.num_train
     pipeline.steps_per_epoch(count, batch)  # a batch larger than the train split
-    state_lib.resolve_queue_size(config, count)  # an empty automatic queue, or one of partial batches
+    state_lib.method_sizes(config, count)  # e.g. an empty automatic MoCo queue, or one of partial batches
     if config.eval.recompute_bn_stats and count < eval_batch_size(config):
         raise ConfigError(f"config.eval.recompute_bn_stats needs at least one evaluation batch of train images "
                           f"({eval_batch_size(config)}), the train split has {count}; lower "
@@ -59,12 +59,8 @@ def check_errors(config, facts: DataFacts) -> None:
 def data_warnings(config, facts: DataFacts) -> List[str]:
     """One-line warnings for results the data will make unavailable or silently wrong."""
     warnings = []
-    batch, count = config.global_batch_size, facts.num_train
-    queue = config.moco.queue_size
-    if queue and queue >= count - batch:
-        warnings.append(f"config.moco.queue_size={queue} is not below the {count} train images minus a batch "
-                        f"({count - batch}): every query's own image from an earlier step sits among its negatives "
-                        f"(facebookresearch/moco#87); {state_lib.queue_size_advice(batch, count)}")
+    count = facts.num_train
+    warnings += get_method(config.method).data_warnings(config, count)  # e.g. a MoCo queue as large as the data
     split = "held-out val part" if config.data.eval_split == "val" else "test split"
     reason = retrieval.unavailable_reason(facts.eval_labels)
     if reason:

@@ -1,6 +1,7 @@
 """A run is built or restored here, and only here: resume first, else a fresh start.
 
-`plan` derives everything a run's shape depends on (steps per epoch, optimiser, queue size) and the
+`plan` derives everything a run's shape depends on (steps per epoch, optimiser, the method's own sizes
+such as MoCo's queue) and the
 restore template: the `TrainState` as `jax.eval_shape` sees it, with its sharding, so nothing is
 materialised, no optimiser runs and no weight is read to restore a checkpoint. Pretrained weights
 (`config.model.init`) are loaded only when the workdir has no checkpoint (`fresh_state`): a resumed or
@@ -26,7 +27,7 @@ from fgpair_jax.models import load_pretrained
 class RunPlan:
     steps_per_epoch: int
     total_steps: int
-    queue_size: int  # MoCo queue length K
+    method_sizes: dict  # what the method's own state is sized by (`Method.state_sizes`; MoCo: queue_size)
     tx: optax.GradientTransformation
     abstract_state: state_lib.TrainState  # jax.ShapeDtypeStruct leaves, replicated over the mesh
 
@@ -34,23 +35,30 @@ class RunPlan:
 def plan(config, num_train_examples: int, mesh) -> RunPlan:
     """The `RunPlan` of `config` on `num_train_examples` images and `mesh` (cheap: shapes only).
 
-    Raises `ConfigError` when the global batch does not divide over the mesh or the queue size does
-    not fit the batch."""
+    Raises `ConfigError` when the global batch does not divide over the mesh or the method's sizes do
+    not fit (e.g. a MoCo queue that is not a multiple of the batch)."""
     parallel.check_batch_divisible(config.global_batch_size, mesh)
     steps_per_epoch = pipeline.steps_per_epoch(num_train_examples, config.global_batch_size)
     tx = optim.make_optimizer(config, steps_per_epoch)
-    queue_size = state_lib.resolve_queue_size(config, num_train_examples)
-    create = functools.partial(state_lib.create_train_state, config, tx=tx, queue_size=queue_size)
+    sizes = state_lib.method_sizes(config, num_train_examples)
+    create = functools.partial(state_lib.create_train_state, config, tx=tx, sizes=sizes)
     shapes = jax.eval_shape(create, jax.random.key(config.seed))
     replicated = parallel.replicated(mesh)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
-    return RunPlan(steps_per_epoch, config.num_epochs * steps_per_epoch, queue_size, tx, abstract)
+    return RunPlan(steps_per_epoch, config.num_epochs * steps_per_epoch, sizes, tx, abstract)
 
 
 def open_checkpoints(config, workdir: str, run_plan: RunPlan) -> checkpointing.Checkpointer:
-    """The run's `<workdir>/checkpoints` manager, with the fingerprint its checkpoints must match."""
+    """The run's `<workdir>/checkpoints` manager, with the fingerprint its checkpoints must match and, for
+    a method whose state had the pre-issue-24 layout, how to restore such a checkpoint (`state.legacy_layout`)."""
+    layout = state_lib.legacy_layout(config)
+    legacy = None
+    if layout is not None:
+        template = layout.template(run_plan.abstract_state)
+        legacy = checkpointing.LegacyFormat(checkpointing.fingerprint(config, template, checkpointing.LEGACY_FORMAT),
+                                            template, layout.convert)
     return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
-                                      checkpointing.fingerprint(config, run_plan.abstract_state))
+                                      checkpointing.fingerprint(config, run_plan.abstract_state), legacy=legacy)
 
 
 def pretrained_variables(config, workdir: str) -> Optional[dict]:
@@ -71,7 +79,7 @@ def pretrained_variables(config, workdir: str) -> Optional[dict]:
 
 def fresh_state(config, workdir: str, run_plan: RunPlan, mesh) -> state_lib.TrainState:
     """Step 0 of the run, replicated over `mesh`: random init, the encoder from `config.model.init`."""
-    state = state_lib.create_train_state(config, jax.random.key(config.seed), run_plan.tx, run_plan.queue_size,
+    state = state_lib.create_train_state(config, jax.random.key(config.seed), run_plan.tx, run_plan.method_sizes,
                                          pretrained_variables(config, workdir))
     return jax.device_put(state, parallel.replicated(mesh))
 

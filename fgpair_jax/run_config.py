@@ -59,6 +59,15 @@ KEYS_ADDED_SINCE = {
     "data.crop_to_box": False,
     "data.aircraft_train_split": "trainval",
     "data.aircraft_remove_banner": False,
+    # Issue 24: negative-free methods. Runs before it were MoCo-based, which none of these keys changes.
+    "fgpair.base": "moco",
+    "simsiam.dim": 0,
+    "simsiam.pred_dim": 0,
+    "simsiam.hidden_dim": 0,
+    "simsiam.fix_pred_lr": True,
+    "byol.base_momentum": 0.996,
+    "byol.dim": 256,
+    "byol.hidden_dim": 0,
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an

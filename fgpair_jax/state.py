@@ -1,91 +1,104 @@
 """The training state: one pytree holding everything the next step depends on.
 
+What every method shares (`step`, `params`, `batch_stats`, `opt_state`, `rng`) is a field here; what is a
+method's own (MoCo's queue and momentum encoder, BYOL's target network, fgpair's variance EMA) lives in
+`method_state`, a dict the method creates (`Method.init_state`) and updates (`Method.update_state`).
+A method without a queue carries none: SimSiam's `method_state` is empty.
+
 Saving this pytree (plus the data iterator position, which is a function of `step`) is enough to
-resume a run exactly: see `checkpointing.py`.
+resume a run exactly: see `checkpointing.py`. Checkpoints of the earlier layout (`LegacyTrainState`:
+queue, momentum encoder and extras as fields of every state, checkpoint format 2) restore through
+`legacy_layout`.
 """
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from fgpair_jax import contrastive
-from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import get_method
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimiser steps taken
-    params: Any  # trainable: {'encoder', 'head', ...method extras}
+    params: Any  # trainable: {'encoder', ...method heads}
     batch_stats: Any  # batch-norm running statistics of the online networks
-    ema_params: Any  # momentum (key) copy of params[MOMENTUM_SUBTREES]
-    ema_batch_stats: Any  # running statistics of the momentum encoder
     opt_state: Any
-    queue: jax.Array  # [K, d] negative keys, L2-normalised
-    queue_pointer: jax.Array  # int32 scalar: next row of the queue to overwrite
     rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly); split every step
-    extras: Any = None  # method state that is not trained (e.g. a variance EMA)
+    method_state: Any  # the method's own state, not trained by the optimiser ({} if none)
 
 
-def resolve_queue_size(config, num_train_examples: int) -> int:
-    """Queue length K: `moco.queue_size`, or with 0 the largest multiple of the global batch that fits
-    in `moco.queue_fraction` of the training set.
-
-    Why a fraction: on a small fine-grained data set a MoCo-ImageNet queue (65,536) would hold every
-    image many times over, its own earlier keys among the negatives; sizing it to part of one epoch
-    keeps the negatives mostly other images.
-
-    Raises `ConfigError` (naming a size that works, or why none does) when K is not a positive multiple
-    of the global batch.
-    """
-    batch = config.global_batch_size
-    size = config.moco.queue_size or int(config.moco.queue_fraction * num_train_examples) // batch * batch
-    if size >= batch and size % batch == 0:
-        return size
-    if config.moco.queue_size:
-        what = f"config.moco.queue_size={size} is not a positive multiple of config.global_batch_size={batch}"
-    else:
-        what = (f"the automatic MoCo queue (config.moco.queue_fraction={config.moco.queue_fraction} of "
-                f"{num_train_examples} train images, in whole batches of {batch}) is empty")
-    raise ConfigError(f"{what}; {queue_size_advice(batch, num_train_examples)}.")
+@flax.struct.dataclass
+class LegacyTrainState:
+    """The train state of checkpoint format 2 (before issue 24): every method carried MoCo's fields."""
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    opt_state: Any
+    queue: jax.Array
+    queue_pointer: jax.Array
+    rng: jax.Array
+    extras: Any = None
 
 
-def largest_safe_queue(batch: int, num_train_examples: int) -> int:
-    """The largest multiple of `batch` below N - B (0 if none): a queue that never holds a query's own
-    image from an earlier step of the epoch among its negatives (facebookresearch/moco#87)."""
-    return max(0, (num_train_examples - batch - 1) // batch * batch)
+def method_sizes(config, num_train_examples: Optional[int]) -> dict:
+    """The shapes `config`'s method state depends on besides the config (e.g. MoCo's queue length, which
+    depends on the train split's size): `Method.state_sizes`. Raises its `ConfigError`."""
+    return dict(get_method(config.method).state_sizes(config, num_train_examples))
 
 
-def queue_size_advice(batch: int, num_train_examples: int) -> str:
-    """What to set instead, in words: a safe queue size, or a smaller batch when none exists."""
-    safe = largest_safe_queue(batch, num_train_examples)
-    if safe >= batch:
-        return f"set config.moco.queue_size to a multiple of {batch} below {num_train_examples - batch}, e.g. {safe}"
-    return (f"{num_train_examples} train images hold fewer than three batches of {batch}, too few for a MoCo queue "
-            f"of whole batches that excludes the query's own images; lower config.global_batch_size")
-
-
-def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation, queue_size: int,
+def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation, sizes: Mapping[str, int],
                        initial_variables=None) -> TrainState:
-    """A fresh state. `initial_variables` (e.g. ImageNet weights) replaces the random init when given."""
+    """A fresh state; `sizes` from `method_sizes`. `initial_variables` (e.g. ImageNet weights) replaces the
+    random init when given."""
     method = get_method(config.method)
-    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+    init_rng, method_rng, state_rng = jax.random.split(rng, 3)
     if initial_variables is None:  # jitted: eager flax init runs op by op, far slower on CPU
         initial_variables = jax.jit(lambda r: method.init_variables(r, config))(init_rng)
-    variables = initial_variables
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    momentum = {name: params[name] for name in method.MOMENTUM_SUBTREES}
+    params, batch_stats = initial_variables["params"], initial_variables["batch_stats"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
-        ema_params=jax.tree.map(jnp.copy, momentum),
-        ema_batch_stats=jax.tree.map(jnp.copy, {k: v for k, v in batch_stats.items() if k in momentum}),
         opt_state=tx.init(params),
-        queue=contrastive.initial_queue(queue_rng, queue_size, config.moco.dim),
-        queue_pointer=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(state_rng),
-        extras=method.init_extras(config),
+        method_state=method.init_state(method_rng, initial_variables, config, dict(sizes)),
     )
+
+
+class LegacyLayout:
+    """How a format-2 checkpoint of `config`'s method maps onto today's `TrainState`.
+
+    `template(abstract_state)` is the `LegacyTrainState` the old checkpoint restores into (same shapes,
+    dtypes and shardings), `convert(legacy)` the `TrainState` it stands for. Methods that existed before the
+    layout changed (moco, lcr, fgpair on MoCo) define `to_legacy_fields` / `from_legacy_fields`."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def template(self, state: TrainState) -> LegacyTrainState:
+        fields = self.method.to_legacy_fields(state.method_state)
+        return LegacyTrainState(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                                opt_state=state.opt_state, rng=state.rng, **fields)
+
+    def convert(self, legacy: LegacyTrainState) -> TrainState:
+        fields = {name: getattr(legacy, name) for name in LEGACY_METHOD_FIELDS}
+        return TrainState(step=legacy.step, params=legacy.params, batch_stats=legacy.batch_stats,
+                          opt_state=legacy.opt_state, rng=legacy.rng,
+                          method_state=self.method.from_legacy_fields(fields))
+
+
+LEGACY_METHOD_FIELDS = ("ema_params", "ema_batch_stats", "queue", "queue_pointer", "extras")
+
+
+def legacy_layout(config) -> Optional[LegacyLayout]:
+    """The `LegacyLayout` of `config`'s method, or None when its state never had the old layout (a method
+    added since, e.g. simsiam, or fgpair on a negative-free base): such a checkpoint cannot exist."""
+    method = get_method(config.method)
+    if getattr(method, "has_legacy_layout", lambda config: False)(config):
+        return LegacyLayout(method)
+    return None

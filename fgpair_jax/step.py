@@ -1,8 +1,9 @@
-"""One training step, method-agnostic: augment on device, loss + gradients, update, momentum, queue.
+"""One training step, method-agnostic: augment on device, loss + gradients, update, the non-finite guard.
 
 `make_train_step` returns the jitted function; the caller places the state replicated and the batch
 sharded over the mesh (`parallel.py`), and XLA partitions the step. The method (`config.method`)
-supplies only the loss.
+supplies the loss and updates its own state (`Method.update_state`: a queue, a momentum encoder and its
+schedule, a variance EMA); this module names none of them.
 """
 import functools
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fgpair_jax import contrastive, numerics, parallel
+from fgpair_jax import numerics, parallel
 from fgpair_jax.data import augment
 from fgpair_jax.methods import get_method
 from fgpair_jax.models import input_normalization
@@ -44,25 +45,20 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    online = {name: params[name] for name in method.MOMENTUM_SUBTREES}
-    ema_params = contrastive.ema_update(state.ema_params, online, config.moco.momentum)
-    queue, queue_pointer = contrastive.enqueue(state.queue, state.queue_pointer, aux["keys"])
     # model.keep_bn_stats: normalise with batch statistics as always, but leave the running ones
     # (what evaluation uses) at their start: augmented batches otherwise drag ImageNet's away.
     # Only the encoder's: a method's own modules (LCR's attention BN) train their statistics as usual.
     keep = config.model.keep_bn_stats
     batch_stats = dict(aux["batch_stats"], encoder=state.batch_stats["encoder"]) if keep else aux["batch_stats"]
+    method_state = method.update_state(state.method_state, params, aux, config, step=state.step,
+                                       total_steps=max(1, config.num_epochs * steps_per_epoch))
     next_state = state.replace(
         step=state.step + 1,
         params=params,
         batch_stats=batch_stats,
-        ema_params=ema_params,
-        ema_batch_stats=state.ema_batch_stats if keep else aux["ema_batch_stats"],
         opt_state=opt_state,
-        queue=queue,
-        queue_pointer=queue_pointer,
         rng=jax.random.key_data(rng),
-        extras=aux.get("extras", state.extras),
+        method_state=method_state,
     )
     grad_norm = optax.tree.norm(grads)
     finite = numerics.is_finite_step(aux["metrics"]["loss"], grad_norm)

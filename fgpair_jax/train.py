@@ -147,7 +147,8 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
                                           f"latest checkpoint: step {latest} in {checkpointer.directory}")
     announce(f"Training {config.method} / {config.model.name} at {config.data.image_size} px: "
              f"{info.split_sizes['train']} train images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-             f"global batch {config.global_batch_size} on {mesh.devices.size} device(s), queue {state.queue.shape[0]}.")
+             f"global batch {config.global_batch_size} on {mesh.devices.size} device(s)"
+             + "".join(f", {name} {size}" for name, size in run_plan.method_sizes.items()) + ".")
 
     def save(step, force=False):
         nonfinite.flush()

@@ -19,7 +19,7 @@ from fgpair_jax.metrics_writer import read_jsonl
 from fgpair_jax.models import input_normalization
 
 # Panels of the loss figure, in order: the total, each term, and the weight that switches a term on.
-LOSS_CURVES = ("loss", "loss_contrastive", "loss_reconstruction", "loss_pair", "loss_attention_kl", "pair_weight")
+LOSS_CURVES = ("loss", "loss_contrastive", "loss_ssl", "output_std", "loss_reconstruction", "loss_pair", "loss_attention_kl", "pair_weight")
 
 
 def to_uint8_image(normalized: np.ndarray, model_config) -> np.ndarray:

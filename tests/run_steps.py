@@ -30,10 +30,12 @@ def run(num_steps: int, method: str = "moco"):
     # Adam's conditioning, not the sharding under test: compare the decoder under SGD instead.
     # The queue of 16 the reference numbers (test_fgpair.SLICE_MOCO_LOSSES) were produced with; the tiny
     # config's own is 8 since the preflight check (a queue below the 18 train images minus a batch).
-    config = tiny_config(method=method, **{"fgpair.decoder_optimizer": "sgd", "moco.queue_size": 16})
+    method, _, base = method.partition("_")  # fgpair_simsiam: fgpair on the simsiam base
+    config = tiny_config(method=method, **{"fgpair.decoder_optimizer": "sgd", "moco.queue_size": 16,
+                                           "fgpair.base": base or "moco"})
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config, steps_per_epoch=10)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     state = jax.device_put(state, parallel.replicated(mesh))
     train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=10)
     history = []

@@ -134,3 +134,26 @@ def test_tilde_paths_and_evaluating_after_the_data_moved(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert last_error_line(result).startswith("error: config.optim.learning_rate defines what this run trained")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides", [["--config.method=byol"], ["--config.fgpair.base=simsiam"],
+                                       ["--config.fgpair.base=byol"]], ids=["byol", "fgpair_simsiam", "fgpair_byol"])
+def test_negative_free_methods_train_and_evaluate_from_the_cli(tiny_cub, tmp_path, overrides):
+    """The tiny config from the CLI: train, evaluate, draw the figures (simsiam runs through the kill harness,
+    tests/test_reliability.py). The checkpoint holds the method's own state: a target network for BYOL, no queue."""
+    workdir = str(tmp_path / "run")
+    result = run_cli("--config=configs/cub.py:tiny", *overrides, f"--workdir={workdir}",
+                     f"--config.data.manual_dir={tiny_cub}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert 0.0 <= metrics["linear_top1"] <= 100.0 and 0.0 <= metrics["knn_top1"] <= 100.0, metrics
+    log = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert all(np.isfinite(entry["loss_ssl"]) for entry in log if "loss" in entry)
+    with open(os.path.join(workdir, "figures", "gradcam.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import kill_resume
+    saved = kill_resume.final_state_leaves(workdir)
+    assert not [name for name in saved if "queue" in name], sorted(saved)[:5]
+    assert any("target_params" in name for name in saved) == ("byol" in overrides[0])

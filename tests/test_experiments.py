@@ -25,8 +25,13 @@ def test_arms_change_only_method_criterion_and_seed():
     assert experiments.arm_config(base, "variance", 0).fgpair.criterion == "variance"
     assert experiments.arm_config(base, "moco", 0).method == "moco"
     assert base.seed == 0 and base.method == "fgpair"  # the base is not modified
-    with pytest.raises(ValueError, match="Unknown arm 'simsiam'"):
-        experiments.arm_config(base, "simsiam", 0)
+    assert experiments.arm_config(base, "simsiam", 0).method == "simsiam"
+    assert experiments.arm_config(base, "byol", 0).method == "byol"
+    on_simsiam = experiments.arm_config(base, "fgpair_simsiam", 0)
+    assert (on_simsiam.method, on_simsiam.fgpair.base, on_simsiam.fgpair.criterion) == ("fgpair", "simsiam", "both")
+    assert experiments.arm_config(base, "fgpair_byol", 0).fgpair.base == "byol"
+    with pytest.raises(ValueError, match="Unknown arm 'simclr'"):
+        experiments.arm_config(base, "simclr", 0)
 
 
 def test_an_unavailable_metric_is_left_out_of_means_and_gains(tmp_path):

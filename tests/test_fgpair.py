@@ -18,7 +18,7 @@ from fgpair_jax.models.decoder import Decoder, decoder_geometry
 
 def make_state(config):
     tx = optim.make_optimizer(config, steps_per_epoch=1000)
-    return state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size), tx
+    return state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None)), tx
 
 
 def views(config, seed=0):

@@ -159,7 +159,7 @@ def test_eval_min_max_runs_per_gpu_chunk_and_ignores_padding():
 def lcr_setup(groups):
     config = tiny_config(method="lcr", **{"data.image_size": 64, "model.bn_groups": groups})
     tx = optim.make_optimizer(config, steps_per_epoch=1000)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     rng = np.random.default_rng(0)
     shape = (config.global_batch_size, 64, 64, 3)
     view1, view2 = (augment.normalize(jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))) for _ in range(2))
@@ -177,7 +177,8 @@ def test_loss_uses_the_per_group_mean_gradient_and_sums_the_kl(groups):
 
     def group_ce(a, g):
         projection = moco.project(frozen, jnp.mean(a, axis=(1, 2)), config)
-        return contrastive.info_nce(projection, keys[g * size:(g + 1) * size], state.queue, config.moco.temperature)[0]
+        return contrastive.info_nce(projection, keys[g * size:(g + 1) * size], state.method_state["queue"],
+                                    config.moco.temperature)[0]
 
     gradient = jnp.concatenate([jax.grad(group_ce)(feature_map[g * size:(g + 1) * size], g) for g in range(groups)])
     # The branch's batch statistics per group, as the original's per-GPU bn16 in train mode.

@@ -112,7 +112,7 @@ def test_spatial_pairs_perturb_masked_channels_at_every_position():
     config = tiny_config(method="fgpair", **{"fgpair.decode_from": "feature_map", "fgpair.pair_mode": "residual"})
     from fgpair_jax import optim, state as state_lib
 
-    state = state_lib.create_train_state(config, jax.random.key(0), optim.make_optimizer(config, 2), 16)
+    state = state_lib.create_train_state(config, jax.random.key(0), optim.make_optimizer(config, 2), {"queue_size": 16})
     arrays = fgpair.figure_arrays(state, jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), jax.random.key(2),
                                   config)
     assert arrays["pair_a"].shape == arrays["pair_b"].shape == (8, 32, 32, 3)

@@ -49,7 +49,7 @@ def nan_method(monkeypatch):
 def test_a_nonfinite_step_changes_nothing_but_step_and_rng(nan_method):
     config = tiny_config(method=nan_method("nan_always", 1))
     tx = optim.make_optimizer(config, steps_per_epoch=10)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     train_step = jax.jit(lambda s, b: step_lib.train_step(s, b, config=config, tx=tx, steps_per_epoch=10))
     rng = np.random.default_rng(0)
     shape = (8, 32, 32, 3)
@@ -58,7 +58,8 @@ def test_a_nonfinite_step_changes_nothing_but_step_and_rng(nan_method):
     after, metrics = jax.device_get(train_step(state, batch))
     assert not metrics["finite"] and np.isnan(metrics["loss"])
     assert int(after.step) == 1 and not np.array_equal(after.rng, before.rng)
-    for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state", "queue", "queue_pointer"):
+    assert set(before.method_state) == {"ema_params", "ema_batch_stats", "queue", "queue_pointer"}
+    for field in ("params", "batch_stats", "opt_state", "method_state"):
         for a, b in zip(jax.tree.leaves(getattr(after, field)), jax.tree.leaves(getattr(before, field))):
             np.testing.assert_array_equal(a, b, err_msg=field)
 
@@ -117,15 +118,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
 
 
-def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("method", ["moco", "simsiam"])
+def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path, method):
     """One trial of the kill harness (benchmarks/kill_resume.py runs ten, on fgpair): kill -9 at a random
     step, rerun to the end, compare every state leaf, the features, metrics.json and the logged losses
-    with an uninterrupted run. Exact equality after a kill also shows the run is deterministic."""
-    summary = kill_resume.run_trials(str(tmp_path), trials=1, seed=1, method="moco", kinds=("kill",),
+    with an uninterrupted run. Exact equality after a kill also shows the run is deterministic. simsiam:
+    a method whose state holds no queue resumes as exactly."""
+    summary = kill_resume.run_trials(str(tmp_path), trials=1, seed=1, method=method, kinds=("kill",),
                                      max_interruptions=1, replicate=False, log=lambda line: None)
     result = summary["results"][0]
     assert result["interruptions"][0]["exit_code"] == -signal.SIGKILL, result  # it really was killed
     assert result["passed"], result
+    if method == "simsiam":  # the checkpoint holds SimSiam's state only: no queue, no momentum encoder
+        saved = kill_resume.final_state_leaves(os.path.join(str(tmp_path), "reference"))
+        assert not [name for name in saved if "queue" in name or "ema" in name], sorted(saved)[:5]
+        assert any(name.startswith("['params']['predictor']") for name in saved), sorted(saved)[:5]
 
 
 @pytest.fixture

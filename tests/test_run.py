@@ -67,7 +67,7 @@ def test_the_restore_template_is_abstract_and_sharded(tmp_path):
     leaves = jax.tree.leaves(plan.abstract_state)
     assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
     assert all(leaf.sharding == parallel.replicated(mesh) for leaf in leaves)
-    assert plan.steps_per_epoch == 2 and plan.total_steps == 2 and plan.queue_size == 8
+    assert plan.steps_per_epoch == 2 and plan.total_steps == 2 and plan.method_sizes == {"queue_size": 8}
 
 
 @pytest.mark.parametrize("key,value,named", [
@@ -229,7 +229,7 @@ def test_fgpair_figure_masks_by_the_variance_the_run_ranks_by():
 
     config = tiny_config(method="fgpair", **{"fgpair.criterion": "variance", "fgpair.variance_ema_decay": 0.9})
     tx = optim.make_optimizer(config, steps_per_epoch=2)
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     ema = np.arange(64, dtype=np.float32)[::-1].copy()  # the last dimensions have the lowest EMA variance
     state = state.replace(extras={"feature_variance": ema, "variance_initialized": np.bool_(True)})
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))

@@ -23,8 +23,10 @@ def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = 
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("method", ["moco", "fgpair"])
+@pytest.mark.parametrize("method", ["moco", "fgpair", "simsiam", "byol", "fgpair_simsiam"])
 def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
+    """simsiam and byol normalise over the global batch (SyncBN): their BN statistics, hence every leaf,
+    must not depend on how many devices hold the batch either."""
     one = run_in_subprocess(tmp_path, 1, 1, method)
     two = run_in_subprocess(tmp_path, 2, 1, method)
     assert int(one.pop("devices")) == 1 and int(two.pop("devices")) == 2
@@ -44,7 +46,7 @@ def test_steps_under_64_bit_mode_equal_the_default_and_stay_32_bit(tmp_path):
 
 
 def fresh_state(config, mesh, tx):
-    state = state_lib.create_train_state(config, jax.random.key(0), tx, config.moco.queue_size)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     return jax.device_put(state, parallel.replicated(mesh))
 
 
@@ -172,7 +174,11 @@ def test_keep_bn_stats_trains_the_weights_but_leaves_the_running_statistics(comp
     before = jax.device_get(state)  # the step donates its input state
     after, _ = train_step(state, batch)
     for field in ("batch_stats", "ema_batch_stats"):
-        for a, b in zip(leaves(getattr(after, field)), leaves(getattr(before, field))):
+        if field == "batch_stats":
+            kept, start = after.batch_stats, before.batch_stats
+        else:  # MoCo's own state holds the momentum encoder's statistics
+            kept, start = after.method_state[field], before.method_state[field]
+        for a, b in zip(leaves(kept), leaves(start)):
             np.testing.assert_array_equal(a, b, err_msg=field)
     assert any(not np.array_equal(a, b) for a, b in zip(leaves(after.params), leaves(before.params)))
     assert int(after.step) == 1

@@ -1,36 +1,48 @@
 """Registry of self-supervised methods, chosen by `config.method`, and the interface they implement.
 
 A method is a module implementing `Method` (structurally: module-level names). Everything that is
-specific to one method lives in its module: its loss, which parameters have a momentum copy, its
+specific to one method lives in its module: its loss, its own state (a queue, a momentum encoder and
+its schedule, a variance EMA: created, updated and checkpointed as `TrainState.method_state`), its
 evaluation features, optimisers of its own parameters, what its figures show, its config checks and
 its ablation arms. Nothing outside `methods/` names a method. Adding one is a module plus an entry
 in `METHODS`.
 """
-from typing import Any, Dict, Mapping, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import jax
 import optax
 
 from fgpair_jax.errors import ConfigError
-from fgpair_jax.methods import fgpair, lcr, moco
+from fgpair_jax.methods import byol, fgpair, lcr, moco, simsiam
 
 
 class Method(Protocol):
     """What `step.py`, `state.py`, `optim.py`, `evaluate.py`, `viz.py` and `experiments.py` use of a method."""
 
-    MOMENTUM_SUBTREES: Tuple[str, ...]  # params subtrees with a momentum (EMA) copy: the key encoder
     ABLATIONS: Mapping[str, Mapping[str, Any]]  # experiment arm -> config overrides (dotted keys)
 
     def init_variables(self, rng: jax.Array, config) -> dict:
         """Fresh {'params': {...}, 'batch_stats': {...}} (params['encoder'] is the encoder)."""
 
-    def init_extras(self, config) -> Any:
-        """Method state that is not trained (e.g. a variance EMA); {} if none."""
+    def state_sizes(self, config, num_train_examples: Optional[int]) -> Dict[str, int]:
+        """The sizes the method's own state takes from the data (MoCo: {'queue_size': K}; {} if none);
+        `num_train_examples` None when the data is not known. Raises `ConfigError` for sizes that cannot work."""
+
+    def init_state(self, rng: jax.Array, variables: dict, config, sizes: Dict[str, int]) -> dict:
+        """The method's own state at step 0 (`TrainState.method_state`): a dict of arrays, {} if none."""
+
+    def update_state(self, method_state: dict, params, aux: dict, config, *, step: jax.Array,
+                     total_steps: int) -> dict:
+        """The method state after an optimiser step: `params` are the updated ones, `aux` the loss's,
+        `step` the int32 step before this update, `total_steps` the run's (for momentum schedules)."""
+
+    def data_warnings(self, config, num_train_examples: int) -> List[str]:
+        """One-line warnings about the method's own sizes for a train split of `num_train_examples`."""
 
     def loss(self, params, state, view1, view2, rng, config, *, epoch) -> Tuple[jax.Array, dict]:
-        """(scalar loss, aux): aux holds 'keys' [B, d] to enqueue, 'batch_stats', 'ema_batch_stats',
-        'metrics' (dict of scalars, 'loss' among them) and optionally 'extras' and 'term_gradients'
-        ({term: gradient of that weighted term on some params subtrees}, logged as
+        """(scalar loss, aux): aux holds 'batch_stats', 'metrics' (dict of scalars, 'loss' among them),
+        what the method's `update_state` reads (MoCo: 'keys', 'ema_batch_stats') and optionally
+        'term_gradients' ({term: gradient of that weighted term on some params subtrees}, logged as
         `grad_share_<term>` by `step.gradient_shares`); `epoch` is the fractional training progress."""
 
     def eval_features(self, params, batch_stats, images, config, valid=None) -> jax.Array:
@@ -48,12 +60,16 @@ class Method(Protocol):
     def validate(self, config) -> None:
         """Raise `ConfigError` (one line naming the key) for a value of this method's knobs out of range."""
 
+    # Optional, for methods whose state had the pre-issue-24 layout (moco, lcr, fgpair on moco):
+    # `has_legacy_layout(config) -> bool`, `to_legacy_fields(method_state) -> dict` of
+    # `state.LEGACY_METHOD_FIELDS` and `from_legacy_fields(fields) -> method_state` (`state.legacy_layout`).
+
     def preflight_warnings(self, config, feature_map_shape: Tuple[int, int, int]) -> list:
         """One-line warnings (strings) about `config` that need the encoder's last feature map (h, w, D) at
         the run's image size, e.g. a spatial loss that a 1-pixel-wide map makes vanish (`preflight.py`)."""
 
 
-METHODS: Dict[str, Method] = {"moco": moco, "lcr": lcr, "fgpair": fgpair}
+METHODS: Dict[str, Method] = {"moco": moco, "lcr": lcr, "fgpair": fgpair, "simsiam": simsiam, "byol": byol}
 BASELINE = "moco"  # the method every gain is measured against (experiments.py)
 
 

@@ -1,9 +1,13 @@
 """fgpair (Wang et al., ECCV 2024): learn to ignore non-discriminative feature dimensions from
 synthesized pairs. L = L_C + alpha * L_R + nu * L_Cp.
 
+The SSL method underneath, `fgpair.base` (`BASES`: moco, the paper's and the default; simsiam or byol,
+the negative-free baselines the paper also reports against), gives L_C, its own state and L_Cp's form.
+
 One step, as this project reads the paper (README "Our reading"; every choice is a `config.fgpair` knob):
-1. L_C: MoCo v2 on the two augmented views (`moco.contrastive_loss`); h = pooled query features.
-2. Grad-CAM from L_C on the last feature map (`gradcam.py`) -> per-dimension importance w.
+1. L_C: the base's loss on the two augmented views (`<base>.ssl_loss`; MoCo v2's InfoNCE by default);
+   h = pooled features of view 1.
+2. Grad-CAM from L_C (view 1's term) on the last feature map (`gradcam.py`) -> per-dimension importance w.
 3. Per-dimension variance v of h over the global batch (optionally an EMA across steps).
 4. Non-discriminative mask m: lowest fractions by v and by w, combined (union by default).
 5. h' = h perturbed on m only (`synthesis.perturb`); with `decode_from='feature_map'` the last feature
@@ -12,8 +16,10 @@ One step, as this project reads the paper (README "Our reading"; every choice is
    `reconstruction_trains_encoder`, the first author's prototype's choice).
 7. The pair, by `pair_mode` (`PAIR_MODES`): x_a = sg(d(h)), x_b = sg(d(h')) (default, the abstract's
    reading), or x_a = x1, x_b = x1 + sg(d(h') - d(h)) ('residual', this project's variant).
-   L_Cp = InfoNCE(g(f(x_a)), g_ema(f_ema(x_b)), queue): the encoder
-   learns that images differing only in non-discriminative dimensions are the same image.
+   L_Cp = the base's loss on (x_a, x_b) (`<base>.pair_loss`): with moco InfoNCE(g(f(x_a)), g_ema(f_ema(x_b)),
+   queue); with simsiam D(p_a, sg z_b)/2 + D(p_b, sg z_a)/2; with byol the symmetrised 2 - 2cos of the online
+   prediction and the target projection. The encoder learns that images differing only in
+   non-discriminative dimensions are the same image.
    L_Cp starts after `warmup_epochs` (the decoder first learns to render) and ramps in linearly.
    With `pair_stride` k > 1 only every k-th image of the batch is rendered and paired (cost knob).
 Batch-norm running statistics are updated only by real images: the synthesized batches are normalised
@@ -24,19 +30,22 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from fgpair_jax import contrastive, gradcam, synthesis
+from fgpair_jax import gradcam, synthesis
 from fgpair_jax.errors import ConfigError
-from fgpair_jax.methods import moco
+from fgpair_jax.methods import byol, moco, simsiam
 from fgpair_jax.models import feature_dim
 from fgpair_jax.models.decoder import Decoder, SpatialDecoder, decoder_geometry
 
-MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
-eval_features = moco.eval_features
+BASES = {"moco": moco, "simsiam": simsiam, "byol": byol}  # fgpair.base -> the SSL method underneath
+eval_features = moco.eval_features  # the pooled vector of the encoder with running BN statistics (every base)
 preflight_warnings = moco.preflight_warnings  # Grad-CAM's channel weights are defined on any map, 1x1 included
 # Experiment arms: the method itself and the ablations of which dimensions are perturbed.
 ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
              "fgpair_residual": {"fgpair.criterion": "both", "fgpair.pair_mode": "residual"},
-             **{criterion: {"fgpair.criterion": criterion} for criterion in synthesis.CRITERIA if criterion != "both"}}
+             **{criterion: {"fgpair.criterion": criterion} for criterion in synthesis.CRITERIA if criterion != "both"},
+             # The synthesized-pair idea on a negative-free base (compare with the `simsiam` / `byol` arms).
+             "fgpair_simsiam": {"fgpair.criterion": "both", "fgpair.base": "simsiam"},
+             "fgpair_byol": {"fgpair.criterion": "both", "fgpair.base": "byol"}}
 DECODER_OPTIMIZERS = ("adam", "sgd")
 # How the pair is made from the decoder's renderings d(h), d(h') and the real view x (`pair_images`);
 # the titles' {h} is what the decoder renders (`pair_titles`).
@@ -67,10 +76,17 @@ def decoder_input(query, config) -> jax.Array:
     return query.feature_map if config.fgpair.decode_from == "feature_map" else query.pooled
 
 
+def base_method(config):
+    """The module of `fgpair.base` (`BASES`); `ConfigError` for another name."""
+    if config.fgpair.base not in BASES:
+        raise ConfigError(f"config.fgpair.base={config.fgpair.base!r}: use one of {tuple(BASES)}.")
+    return BASES[config.fgpair.base]
+
+
 def init_variables(rng: jax.Array, config) -> dict:
-    """MoCo's encoder + head, plus the decoder's parameters under params['decoder']."""
+    """The base's variables (encoder and heads), plus the decoder's parameters under params['decoder']."""
     moco_rng, decoder_rng = jax.random.split(rng)
-    variables = moco.init_variables(moco_rng, config)
+    variables = base_method(config).init_variables(moco_rng, config)
     dim = feature_dim(config.model)
     sample = jnp.zeros((1, 2, 2, dim) if config.fgpair.decode_from == "feature_map" else (1, dim))
     decoder_params = decoder(config).init(decoder_rng, sample)["params"]
@@ -78,10 +94,40 @@ def init_variables(rng: jax.Array, config) -> dict:
     return variables
 
 
-def init_extras(config) -> dict:
-    """Method state outside the optimiser: the EMA of per-dimension feature variance."""
-    return {"feature_variance": jnp.zeros((feature_dim(config.model),), jnp.float32),
+VARIANCE_STATE = ("feature_variance", "variance_initialized")
+
+
+def state_sizes(config, num_train_examples) -> dict:
+    """The base's sizes (MoCo's queue length; none for simsiam and byol)."""
+    return base_method(config).state_sizes(config, num_train_examples)
+
+
+def data_warnings(config, num_train_examples: int) -> list:
+    return base_method(config).data_warnings(config, num_train_examples)
+
+
+def init_state(rng, variables, config, sizes) -> dict:
+    """The base's state (MoCo's queue and momentum encoder, BYOL's target network, SimSiam's nothing) plus
+    the EMA of per-dimension feature variance: 'feature_variance' float32 [D], 'variance_initialized' bool."""
+    return {**base_method(config).init_state(rng, variables, config, sizes),
+            "feature_variance": jnp.zeros((feature_dim(config.model),), jnp.float32),
             "variance_initialized": jnp.zeros((), jnp.bool_)}
+
+
+def update_state(own, params, aux, config, *, step, total_steps) -> dict:
+    """The base's update of its own part, and this step's variance EMA (`aux['extras']`)."""
+    base_own = {name: value for name, value in own.items() if name not in VARIANCE_STATE}
+    base_own = base_method(config).update_state(base_own, params, aux, config, step=step, total_steps=total_steps)
+    return {**base_own, **aux["extras"]}
+
+
+def has_legacy_layout(config) -> bool:
+    """fgpair on MoCo had the pre-issue-24 layout (the variance EMA was its `extras`)."""
+    return config.fgpair.base == "moco"
+
+
+to_legacy_fields = moco.to_legacy_fields
+from_legacy_fields = moco.from_legacy_fields
 
 
 def decoder_optimizer(config) -> optax.GradientTransformation:
@@ -100,8 +146,9 @@ def decoder_optimizer(config) -> optax.GradientTransformation:
 
 
 def optimizer_partitions(config) -> dict:
-    """The decoder (params['decoder']) trains with `decoder_optimizer`; the rest with the run's SGD."""
-    return {"decoder": decoder_optimizer(config)}
+    """The decoder (params['decoder']) trains with `decoder_optimizer`; the base's own partitions (SimSiam's
+    predictor with `simsiam.fix_pred_lr`) as the base trains them; the rest with the run's SGD."""
+    return {**base_method(config).optimizer_partitions(config), "decoder": decoder_optimizer(config)}
 
 
 def pair_weight(config, epoch: jax.Array) -> jax.Array:
@@ -117,16 +164,16 @@ def pair_weight(config, epoch: jax.Array) -> jax.Array:
 
 
 def ranking_variance(extras, batch_variance, config) -> jax.Array:
-    """The per-dimension variance [D] the mask ranks by: the EMA in `extras` when
+    """The per-dimension variance [D] the mask ranks by: the EMA in `extras` (the method state) when
     `variance_ema_decay` > 0 and it has been set, else this batch's."""
     if config.fgpair.variance_ema_decay > 0:
         return jnp.where(extras["variance_initialized"], extras["feature_variance"], batch_variance)
     return batch_variance
 
 
-def gradcam_importance(params, query, keys, queue, config) -> jax.Array:
-    """Per-dimension importance [D] of the query feature map for L_C, by Grad-CAM (`gradcam.py`)."""
-    loss_of_map = moco.contrastive_loss_of_feature_map(params, keys, queue, config)
+def gradcam_importance(loss_of_map, query, config) -> jax.Array:
+    """Per-dimension importance [D] of the query feature map for L_C (`loss_of_map`: L_C as a function of
+    that map, `<base>.ssl_loss_of_feature_map`), by Grad-CAM (`gradcam.py`)."""
     gradient = gradcam.loss_gradient_wrt_feature_map(loss_of_map, query.feature_map)
     return gradcam.channel_importance(query.feature_map, gradient, config.fgpair.gradcam_score)
 
@@ -201,20 +248,20 @@ def contrast_ratio(image_a, image_b, images) -> jax.Array:
 
 
 def synthesized_pair_loss(params, state, image_a, image_b, rng, config):
-    """L_Cp: InfoNCE between the online encoder on x_a and the momentum encoder on x_b (stats discarded)."""
-    query, _ = moco.embed(params, state.batch_stats, image_a, config)
-    keys, _ = moco.momentum_keys(state, image_b, rng, config)
-    loss, accuracy = contrastive.info_nce(query.projection, keys, state.queue, config.moco.temperature)
-    return loss, accuracy
+    """L_Cp -> (loss, metrics): the base's loss on the pair (x_a, x_b) [b, S, S, 3] (`<base>.pair_loss`;
+    batch statistic updates discarded). MoCo's adds 'pair_accuracy'."""
+    return base_method(config).pair_loss(params, state, image_a, image_b, rng, config)
 
 
 def loss(params, state, view1, view2, rng, config, *, epoch):
-    """L = L_C + alpha * L_R + nu_t * L_Cp; aux as `moco.contrastive_loss` plus fgpair metrics and extras."""
+    """L = L_C + alpha * L_R + nu_t * L_Cp; aux as the base's `ssl_loss` plus fgpair metrics and 'extras'
+    (the variance EMA, `update_state`)."""
+    base = base_method(config)
     contrastive_rng, mask_rng, perturb_rng, pair_rng = jax.random.split(rng, 4)
-    loss_c, aux = moco.contrastive_loss(params, state, view1, view2, contrastive_rng, config)
+    loss_c, aux = base.ssl_loss(params, state, view1, view2, contrastive_rng, config)
     query = aux["query"]
 
-    extras = state.extras
+    extras = state.method_state
     batch_variance = synthesis.feature_variance(jax.lax.stop_gradient(query.pooled),
                                                 relative=config.fgpair.relative_variance)
     variance_ema, initialized = synthesis.update_variance_ema(
@@ -222,7 +269,7 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
         extras["variance_initialized"])
     variance = ranking_variance({"feature_variance": variance_ema, "variance_initialized": initialized},
                                 batch_variance, config)
-    importance = gradcam_importance(params, query, aux["keys"], state.queue, config)
+    importance = gradcam_importance(base.ssl_loss_of_feature_map(params, state, aux, config), query, config)
     mask = nondiscriminative_mask(mask_rng, importance, variance, config)
 
     stride = config.fgpair.pair_stride  # every stride-th image gets a pair (spread over all devices)
@@ -235,7 +282,7 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     nu_t = pair_weight(config, epoch)
     # Computed in every step (its weight is 0 during the warm-up): a lax.cond around it was slower on
     # CPU than always computing it (results/README.md).
-    loss_cp, pair_accuracy = synthesized_pair_loss(params, state, image_a, image_b, pair_rng, config)
+    loss_cp, pair_metrics = synthesized_pair_loss(params, state, image_a, image_b, pair_rng, config)
     total = loss_c + config.fgpair.alpha * loss_r + nu_t * loss_cp
     if config.fgpair.log_gradient_share:
         # d(nu_t L_Cp)/d(encoder): the step divides its norm by the rest of the encoder's gradient.
@@ -249,7 +296,7 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
         "loss": total,
         "loss_reconstruction": loss_r,
         "loss_pair": loss_cp,
-        "pair_accuracy": pair_accuracy,
+        **pair_metrics,
         "pair_weight": nu_t,
         "pair_contrast": contrast_ratio(image_a, image_b, jax.lax.stop_gradient(view1)),
         "mask_fraction": jnp.mean(mask),
@@ -264,11 +311,11 @@ def figure_arrays(state, images, rng, config) -> dict:
     batch (the state's variance EMA when the run ranks by it), with the frozen encoder's running BN
     statistics and no augmentation, so it is the figure batch's mask, not a training batch's."""
     mask_rng, perturb_rng = jax.random.split(rng)
-    query, keys = moco.frozen_embeddings(state, images, config)
-    out = jax.device_get({"cam": moco.gradcam_of_ssl_loss(state, query, keys, images.shape[1], config)})
-    importance = gradcam_importance(state.params, query, keys.projection, state.queue, config)
+    query, loss_of_map = base_method(config).figure_query_and_loss(state, images, config)
+    out = jax.device_get({"cam": gradcam.resized_cam(loss_of_map, query.feature_map, images.shape[1])})
+    importance = gradcam_importance(loss_of_map, query, config)
     batch_variance = synthesis.feature_variance(query.pooled, relative=config.fgpair.relative_variance)
-    mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.extras, batch_variance, config),
+    mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.method_state, batch_variance, config),
                                   config)
     reconstruction, rendered_perturbed = synthesize_pair(state.params, decoder_input(query, config), mask,
                                                          perturb_rng, config)
@@ -299,9 +346,9 @@ def pair_diagnostics(state, images, real_features, pair_a, pair_b, config) -> di
 
 
 def validate(config) -> None:
-    """`ConfigError` for fgpair knobs out of range (MoCo's are checked too); a logged warning (no error)
+    """`ConfigError` for fgpair knobs out of range (its base's are checked too); a logged warning (no error)
     when `warmup_epochs` >= `num_epochs`, so that L_Cp would never switch on."""
-    moco.validate(config)
+    base_method(config).validate(config)
     c = config.fgpair
     choices = {"criterion": synthesis.CRITERIA, "combine": synthesis.COMBINATIONS, "pair_mode": tuple(PAIR_MODES), "decode_from": DECODE_FROM,
                "perturbation": synthesis.PERTURBATIONS, "gradcam_score": gradcam.IMPORTANCE_SCORES,
@@ -325,7 +372,7 @@ def validate(config) -> None:
         except ValueError as error:
             raise ConfigError(f"{error} (fgpair's decoder, fgpair.decode_from='pooled')") from None
     pairs = -(-config.global_batch_size // c.pair_stride)
-    if pairs % config.model.bn_groups:
+    if c.base == "moco" and pairs % config.model.bn_groups:  # simsiam and byol normalise the whole batch
         raise ConfigError(f"config.fgpair.pair_stride={c.pair_stride} leaves {pairs} synthesized images per batch, "
                           f"which config.model.bn_groups={config.model.bn_groups} batch-norm groups cannot split; "
                           "choose a stride that keeps a multiple of bn_groups.")

@@ -60,7 +60,13 @@ from fgpair_jax.models.norm import GroupedBatchNorm
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES  # the attention branch has no momentum copy (builder.py)
 ABLATIONS = {}
-init_extras = moco.init_extras
+state_sizes = moco.state_sizes  # LCR is MoCo v2 plus a branch: MoCo's queue and momentum encoder
+init_state = moco.init_state
+update_state = moco.update_state
+data_warnings = moco.data_warnings
+has_legacy_layout = moco.has_legacy_layout
+to_legacy_fields = moco.to_legacy_fields
+from_legacy_fields = moco.from_legacy_fields
 optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
 EVAL_MINMAX = ("batch", "image")
@@ -152,7 +158,7 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     groups = config.model.bn_groups
     loss_c, aux = moco.contrastive_loss(params, state, view1, view2, rng, config)
     feature_map = aux["query"].feature_map.astype(jnp.float32)
-    loss_of_map = moco.contrastive_loss_of_feature_map(params, aux["keys"], state.queue, config)
+    loss_of_map = moco.contrastive_loss_of_feature_map(params, aux["keys"], state.method_state["queue"], config)
     # d(per-group mean CE)/dA = d(global mean)/dA * groups: the scale matters, the softmax is not scale-free.
     gradient = jax.grad(loss_of_map)(jax.lax.stop_gradient(feature_map)) * groups
     target = gradient_x_activation(feature_map, gradient)

@@ -81,11 +81,12 @@ def embed(params, batch_stats, images, config, *, train: bool = True):
     return Embedding(feature_map, pooled, project(params, pooled, config)), new_stats
 
 
-def momentum_keys(state, images, rng, config):
-    """Keys from the momentum encoder with shuffle-BN -> (keys [B, d] constant, new ema_batch_stats)."""
+def momentum_keys(own, images, rng, config):
+    """Keys from the momentum encoder (`own`: MoCo's method state) with shuffle-BN -> (keys [B, d]
+    constant, new ema_batch_stats)."""
     batch = images.shape[0]
     order = jax.random.permutation(rng, batch) if config.moco.shuffle_bn else jnp.arange(batch)
-    embedding, new_stats = embed(state.ema_params, state.ema_batch_stats, images[order], config)
+    embedding, new_stats = embed(own["ema_params"], own["ema_batch_stats"], images[order], config)
     keys = embedding.projection[jnp.argsort(order)]
     return jax.lax.stop_gradient(keys), new_stats
 
@@ -109,15 +110,15 @@ def contrastive_loss(params, state, view1, view2, rng, config):
     'metrics' (scalars).
     """
     key_rng, key_rng_swapped = jax.random.split(rng)
+    own = state.method_state
     query, batch_stats = embed(params, state.batch_stats, view1, config)
-    keys, ema_batch_stats = momentum_keys(state, view2, key_rng, config)
-    loss, accuracy = contrastive.info_nce(query.projection, keys, state.queue, config.moco.temperature)
+    keys, ema_batch_stats = momentum_keys(own, view2, key_rng, config)
+    loss, accuracy = contrastive.info_nce(query.projection, keys, own["queue"], config.moco.temperature)
     if config.moco.symmetric:
         query2, batch_stats = embed(params, batch_stats, view2, config)
-        keys2, ema_batch_stats = momentum_keys(
-            state.replace(ema_batch_stats=ema_batch_stats), view1, key_rng_swapped, config
-        )
-        loss2, accuracy2 = contrastive.info_nce(query2.projection, keys2, state.queue, config.moco.temperature)
+        keys2, ema_batch_stats = momentum_keys(dict(own, ema_batch_stats=ema_batch_stats), view1, key_rng_swapped,
+                                               config)
+        loss2, accuracy2 = contrastive.info_nce(query2.projection, keys2, own["queue"], config.moco.temperature)
         loss, accuracy = (loss + loss2) / 2, (accuracy + accuracy2) / 2
     aux = {
         "keys": keys,
@@ -145,10 +146,109 @@ def eval_features(params, batch_stats, images, config, valid=None) -> jax.Array:
     return pooled
 
 
-def init_extras(config) -> dict:
-    """MoCo keeps no untrained state besides the queue (which `TrainState` holds for every method)."""
+def resolve_queue_size(config, num_train_examples) -> int:
+    """Queue length K: `moco.queue_size`, or with 0 the largest multiple of the global batch that fits
+    in `moco.queue_fraction` of the training set (`num_train_examples`; None: not known, only an explicit
+    `moco.queue_size` resolves).
+
+    Why a fraction: on a small fine-grained data set a MoCo-ImageNet queue (65,536) would hold every
+    image many times over, its own earlier keys among the negatives; sizing it to part of one epoch
+    keeps the negatives mostly other images.
+
+    Raises `ConfigError` (naming a size that works, or why none does) when K is not a positive multiple
+    of the global batch.
+    """
+    batch = config.global_batch_size
+    if not config.moco.queue_size and num_train_examples is None:
+        raise ConfigError("config.moco.queue_size=0 sizes the queue from the train split, whose size is not known "
+                          "here; set config.moco.queue_size to a multiple of config.global_batch_size.")
+    size = config.moco.queue_size or int(config.moco.queue_fraction * num_train_examples) // batch * batch
+    if size >= batch and size % batch == 0:
+        return size
+    if config.moco.queue_size:
+        what = f"config.moco.queue_size={size} is not a positive multiple of config.global_batch_size={batch}"
+        if num_train_examples is None:
+            raise ConfigError(f"{what}.")
+    else:
+        what = (f"the automatic MoCo queue (config.moco.queue_fraction={config.moco.queue_fraction} of "
+                f"{num_train_examples} train images, in whole batches of {batch}) is empty")
+    raise ConfigError(f"{what}; {queue_size_advice(batch, num_train_examples)}.")
+
+
+def largest_safe_queue(batch: int, num_train_examples: int) -> int:
+    """The largest multiple of `batch` below N - B (0 if none): a queue that never holds a query's own
+    image from an earlier step of the epoch among its negatives (facebookresearch/moco#87)."""
+    return max(0, (num_train_examples - batch - 1) // batch * batch)
+
+
+def queue_size_advice(batch: int, num_train_examples: int) -> str:
+    """What to set instead, in words: a safe queue size, or a smaller batch when none exists."""
+    safe = largest_safe_queue(batch, num_train_examples)
+    if safe >= batch:
+        return f"set config.moco.queue_size to a multiple of {batch} below {num_train_examples - batch}, e.g. {safe}"
+    return (f"{num_train_examples} train images hold fewer than three batches of {batch}, too few for a MoCo queue "
+            f"of whole batches that excludes the query's own images; lower config.global_batch_size")
+
+
+def state_sizes(config, num_train_examples) -> dict:
+    """{'queue_size': K} (`resolve_queue_size`; raises its `ConfigError`)."""
+    return {"queue_size": resolve_queue_size(config, num_train_examples)}
+
+
+def data_warnings(config, num_train_examples: int) -> list:
+    """A queue as large as the data: every query meets its own image among the negatives (moco#87)."""
+    batch, count, queue = config.global_batch_size, num_train_examples, config.moco.queue_size
+    if queue and queue >= count - batch:
+        return [f"config.moco.queue_size={queue} is not below the {count} train images minus a batch "
+                f"({count - batch}): every query's own image from an earlier step sits among its negatives "
+                f"(facebookresearch/moco#87); {queue_size_advice(batch, count)}"]
+    return []
+
+
+QUEUE_STATE = ("ema_params", "ema_batch_stats", "queue", "queue_pointer")  # MoCo's own state, by name
+
+
+def init_state(rng, variables, config, sizes) -> dict:
+    """MoCo's own state: the momentum encoder (a copy of params[MOMENTUM_SUBTREES] and their batch
+    statistics) and a queue of `sizes['queue_size']` random unit keys [K, moco.dim] with its int32 pointer."""
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    momentum = {name: params[name] for name in MOMENTUM_SUBTREES}
+    return {
+        "ema_params": jax.tree.map(jnp.copy, momentum),
+        "ema_batch_stats": jax.tree.map(jnp.copy, {k: v for k, v in batch_stats.items() if k in momentum}),
+        "queue": contrastive.initial_queue(rng, sizes["queue_size"], config.moco.dim),
+        "queue_pointer": jnp.zeros((), jnp.int32),
+    }
+
+
+def update_state(own, params, aux, config, *, step, total_steps) -> dict:
+    """After the optimiser step: the momentum encoder follows the updated params at `moco.momentum`
+    (constant in MoCo v2; `step`/`total_steps` unused), this step's keys replace the oldest in the queue,
+    the key encoder's batch statistics are the key pass's (kept at their start with `model.keep_bn_stats`)."""
+    del step, total_steps
+    online = {name: params[name] for name in MOMENTUM_SUBTREES}
+    queue, pointer = contrastive.enqueue(own["queue"], own["queue_pointer"], aux["keys"])
+    return dict(own,
+                ema_params=contrastive.ema_update(own["ema_params"], online, config.moco.momentum),
+                ema_batch_stats=own["ema_batch_stats"] if config.model.keep_bn_stats else aux["ema_batch_stats"],
+                queue=queue, queue_pointer=pointer)
+
+
+def has_legacy_layout(config) -> bool:
+    """MoCo's state had its fields in every `TrainState` before issue 24 (`state.LegacyTrainState`)."""
     del config
-    return {}
+    return True
+
+
+def to_legacy_fields(own) -> dict:
+    """The format-2 fields of a MoCo-family method state: MoCo's four, the rest (fgpair's) as `extras`."""
+    return {**{name: own[name] for name in QUEUE_STATE},
+            "extras": {name: value for name, value in own.items() if name not in QUEUE_STATE}}
+
+
+def from_legacy_fields(fields) -> dict:
+    """The inverse of `to_legacy_fields`."""
+    return {**{name: fields[name] for name in QUEUE_STATE}, **(fields["extras"] or {})}
 
 
 def optimizer_partitions(config) -> dict:
@@ -160,25 +260,17 @@ def optimizer_partitions(config) -> dict:
 def frozen_embeddings(state, images, config):
     """(query, keys) `Embedding`s of normalised [B, S, S, 3] images by the frozen online and momentum
     encoders (running BN statistics): what the figures take Grad-CAM and masks from."""
+    own = state.method_state
     query, _ = embed(state.params, state.batch_stats, images, config, train=False)
-    keys, _ = embed(state.ema_params, state.ema_batch_stats, images, config, train=False)
+    keys, _ = embed(own["ema_params"], own["ema_batch_stats"], images, config, train=False)
     return query, keys
-
-
-def gradcam_of_ssl_loss(state, query, keys, image_size: int, config) -> jax.Array:
-    """Grad-CAM maps [B, S, S] in [0, 1] of L_C for the `frozen_embeddings` of a batch (negatives from
-    the state's queue), resized to the image size S: what the SSL objective attends to."""
-    loss_of_map = contrastive_loss_of_feature_map(state.params, keys.projection, state.queue, config)
-    cam = gradcam.gradcam_maps(query.feature_map, gradcam.loss_gradient_wrt_feature_map(loss_of_map, query.feature_map))
-    cam = cam / jnp.maximum(jnp.max(cam, axis=(1, 2), keepdims=True), 1e-12)
-    return jax.image.resize(cam, (cam.shape[0], image_size, image_size), "bilinear")
 
 
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM of the SSL loss} (`gradcam_of_ssl_loss`) as numpy."""
     del rng
-    query, keys = frozen_embeddings(state, images, config)
-    return jax.device_get({"cam": gradcam_of_ssl_loss(state, query, keys, images.shape[1], config)})
+    query, loss_of_map = figure_query_and_loss(state, images, config)
+    return jax.device_get({"cam": gradcam.resized_cam(loss_of_map, query.feature_map, images.shape[1])})
 
 
 def validate(config) -> None:
@@ -199,3 +291,28 @@ def preflight_warnings(config, feature_map_shape) -> list:
     """MoCo's loss uses the pooled vector only: any feature map works."""
     del config, feature_map_shape
     return []
+
+
+# The base-method interface fgpair builds on (`methods/fgpair.py`; simsiam.py and byol.py define the same).
+ssl_loss = contrastive_loss
+
+
+def ssl_loss_of_feature_map(params, state, aux, config):
+    """L_C as a function of the query's feature map, for Grad-CAM (`contrastive_loss_of_feature_map`)."""
+    return contrastive_loss_of_feature_map(params, aux["keys"], state.method_state["queue"], config)
+
+
+def pair_loss(params, state, image_a, image_b, rng, config):
+    """InfoNCE between the online encoder on x_a and the momentum encoder on x_b [b, S, S, 3], negatives from
+    the queue, batch statistic updates discarded -> (loss, {'pair_accuracy'})."""
+    query, _ = embed(params, state.batch_stats, image_a, config)
+    keys, _ = momentum_keys(state.method_state, image_b, rng, config)
+    loss, accuracy = contrastive.info_nce(query.projection, keys, state.method_state["queue"], config.moco.temperature)
+    return loss, {"pair_accuracy": accuracy}
+
+
+def figure_query_and_loss(state, images, config):
+    """(query Embedding of `images` by the frozen online encoder, L_C of its feature map with the frozen
+    momentum encoder's keys of the same images and the state's queue): what figures take Grad-CAM of."""
+    query, keys = frozen_embeddings(state, images, config)
+    return query, contrastive_loss_of_feature_map(state.params, keys.projection, state.method_state["queue"], config)
