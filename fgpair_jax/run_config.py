@@ -20,7 +20,7 @@ from fgpair_jax import numerics
 from fgpair_jax.data import images, nuisance, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
-from fgpair_jax.methods import get_method
+from fgpair_jax.methods import BASELINE, get_method
 from fgpair_jax.models import check_init, compute_dtype, frozen_modules
 from fgpair_jax.models.efficientnet_lite import DEPTHWISE_IMPLS
 
@@ -60,7 +60,7 @@ KEYS_ADDED_SINCE = {
     "data.aircraft_train_split": "trainval",
     "data.aircraft_remove_banner": False,
     # Issue 24: negative-free methods. Runs before it were MoCo-based, which none of these keys changes.
-    "fgpair.base": "moco",
+    "fgpair.base": BASELINE,  # MoCo v2: the only base fgpair had
     "simsiam.dim": 0,
     "simsiam.pred_dim": 0,
     "simsiam.hidden_dim": 0,

@@ -231,7 +231,7 @@ def test_fgpair_figure_masks_by_the_variance_the_run_ranks_by():
     tx = optim.make_optimizer(config, steps_per_epoch=2)
     state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, None))
     ema = np.arange(64, dtype=np.float32)[::-1].copy()  # the last dimensions have the lowest EMA variance
-    state = state.replace(extras={"feature_variance": ema, "variance_initialized": np.bool_(True)})
+    state = state.replace(method_state=dict(state.method_state, feature_variance=ema, variance_initialized=np.bool_(True)))
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     arrays = METHODS["fgpair"].figure_arrays(state, images, jax.random.key(2), config)
     expected = np.zeros(64, np.float32)
