@@ -59,6 +59,7 @@ KEYS_ADDED_SINCE = {
     "data.crop_to_box": False,
     "data.aircraft_train_split": "trainval",
     "data.aircraft_remove_banner": False,
+    "model.init_prefix": "",  # before it, only plain state dicts (or under state_dict / model) loaded
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an

@@ -31,6 +31,7 @@ from fgpair_jax.models import feature_dim
 from fgpair_jax.models.decoder import Decoder, SpatialDecoder, decoder_geometry
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES
+CHECKPOINT_BRANCHES = moco.CHECKPOINT_BRANCHES  # the paper releases no checkpoint of its own
 eval_features = moco.eval_features
 preflight_warnings = moco.preflight_warnings  # Grad-CAM's channel weights are defined on any map, 1x1 included
 # Experiment arms: the method itself and the ablations of which dimensions are perturbed.

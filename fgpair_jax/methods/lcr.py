@@ -60,6 +60,10 @@ from fgpair_jax.models.norm import GroupedBatchNorm
 
 MOMENTUM_SUBTREES = moco.MOMENTUM_SUBTREES  # the attention branch has no momentum copy (builder.py)
 ABLATIONS = {}
+# An LCR checkpoint (main_moco.py: DDP(MoCo).state_dict()) holds builder.py's conv16 / bn16 beside
+# `encoder_q`: they load into params/batch_stats['attention'] (`checkpoint_import.py`), so an LCR checkpoint
+# is evaluated with its own attention-pooled feature. conv16_2/bn16_2, qmax/kmax and queue_max are unused.
+CHECKPOINT_BRANCHES = {"attention": {"conv16": "conv", "bn16": "bn"}}
 init_extras = moco.init_extras
 optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
