@@ -281,8 +281,7 @@ def select_encoder(flat: Mapping[str, Any], expected: Mapping[str, Tuple[int, ..
                       for modules in subtrees.values() for m in modules}
     dropped_outside = [n for n in outside if n not in kept_branch
                        and not any(n.startswith(b + ".") for b in other_branches)]
-    depth = len(chosen.prefix.rstrip(".").split(".")) if chosen.prefix else 0
-    parts = [f"{what}: encoder at prefix {chosen.shown} ({len(chosen.used)} entries)"]
+    parts = [f"{what}: encoder at prefix {chosen.shown} ({len(taken)} entries)"]
     if branch_names:
         parts.append(f"{method}'s {'/'.join(sorted(m.rpartition('.')[2] for m in branch_names))} beside it")
     if chosen.classifier:
@@ -290,8 +289,14 @@ def select_encoder(flat: Mapping[str, Any], expected: Mapping[str, Tuple[int, ..
     dropped = []
     if dropped_inside:
         dropped.append(_group(dropped_inside, lambda p: max(1, len(p) - 1)))
-    if dropped_outside:
-        dropped.append(_group(dropped_outside, lambda p: min(len(p), max(1, depth))))
+    if dropped_outside:  # grouped one level below where they part from the encoder's path
+        anchor = chosen.prefix.rstrip(".").split(".") if chosen.prefix else []
+
+        def parting(parts):
+            common = next((i for i, (a, b) in enumerate(zip(parts, anchor)) if a != b), min(len(parts), len(anchor)))
+            return min(len(parts), common + 1)
+
+        dropped.append(_group(dropped_outside, parting))
     for other, subtrees in branches.items():
         if other != method:
             dropped.append(f"{'/'.join(m for s in subtrees.values() for m in s)} ({other}'s branch: "

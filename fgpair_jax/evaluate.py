@@ -8,6 +8,9 @@ CLI: `python -m fgpair_jax.evaluate --workdir=W [--config.key=value ...]` re-eva
 checkpoint of W with the config W/config.json that training saved; overrides may change evaluation
 knobs and data paths (e.g. `--config.data.manual_dir=` after the data folder moved), nothing trained. It reads only W: no pretrained weights, no optimiser. Like
 training, it joins the multi-process job its launcher describes (`distributed.py`), on any device count.
+
+A checkpoint of another project (MoCo v2's or LCR's release, ...) is scored into the same files by
+`python -m fgpair_jax.evaluate_checkpoint` (`evaluate_checkpoint.py`).
 """
 import json
 import os
@@ -22,7 +25,6 @@ from ml_collections import config_flags
 from fgpair_jax import cli, distributed, features, parallel, run, run_config
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import sources as data_sources
-from fgpair_jax.errors import ConfigError
 from fgpair_jax.evaluation import HEADLINE_METRICS, MetricUnavailable
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.evaluation.linear_probe import linear_probe
@@ -140,46 +142,12 @@ def evaluate_workdir(workdir: str, config=None) -> dict:
     return evaluate_state(config, workdir, state, sources, info, mesh)
 
 
-def evaluate_checkpoint(path: str, config, workdir: str, method: str = "") -> dict:
-    """Score a checkpoint of another project (MoCo v2's or LCR's release, a DDP run, an SSL library's,
-    a `.safetensors`: `checkpoint_import.py`) as it is, under this project's evaluation, into `<workdir>/eval/`.
-
-    It is a run of 0 epochs from `model.init=path` (`train.train_and_evaluate`): the checkpoint is checked
-    before any data is built, the encoder (and a method's branch beside it) loaded, evaluated, and the
-    state saved as step 0, so `--workdir` re-evaluates and `fgpair_jax.export` exports it like any run.
-    `method`: the features evaluated; '' chooses the method whose branches the checkpoint holds (LCR's
-    conv16/bn16 -> lcr, its attention-pooled feature) or else moco (the pooled feature).
-    """
-    from fgpair_jax import models, train  # train imports this module
-    from fgpair_jax.methods import checkpoint_branches
-
-    if not method:
-        imported, _ = models.import_init(path, config.model, method_branches=checkpoint_branches(), with_data=False)
-        found = [name for name, subtrees in imported["branches"].items() if subtrees]
-        method = found[0] if found else "moco"
-        announce(f"Evaluating {path} with method {method} "
-                 f"({'its ' + method + ' branch' if found else 'pooled features'}; --config.method= chooses).")
-    config = run_config.override(config, {"model.init": path, "num_epochs": 0, "method": method})
-    return train.train_and_evaluate(config, workdir)
-
-
-def _method_given(argv) -> str:
-    """The value of a `--config.method=` on the command line, '' if none (the config file's is not a choice)."""
-    given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config.method=")]
-    return given[-1] if given else ""
-
-
 def define_config_flag(argv) -> None:
     """`--config.key=value` overrides of the saved `<workdir>/config.json`, typed as ml_collections types
     them: `--workdir` is read first (absl's known-only parse) to find that config. Without a readable
     one the flag holds an empty config, and `evaluate_workdir` says what is missing."""
     try:
         flags.FLAGS(argv, known_only=True)
-        if flags.FLAGS.checkpoint:  # a checkpoint of another project: the protocol comes from a config file
-            flags.FLAGS.unparse_flags()
-            config_flags.DEFINE_config_file("config", None, "Config file of the evaluation protocol, e.g. "
-                                            "configs/cub.py (with --checkpoint).", lock_config=True)
-            return
         saved = run_config.load(run_config.user_path(flags.FLAGS.workdir))
     except Exception:  # noqa: BLE001 -- a missing --workdir or config.json is reported by main, in one line
         saved = ml_collections.ConfigDict()
@@ -191,23 +159,13 @@ def define_config_flag(argv) -> None:
 def main(argv):
     del argv
     given = flags.FLAGS.config
-    if flags.FLAGS.checkpoint:
-        if given is None:
-            raise ConfigError("--checkpoint needs --config=<config file>, e.g. configs/cub.py, for the "
-                                         "evaluation protocol and the data set.")
-        metrics = evaluate_checkpoint(run_config.user_path(flags.FLAGS.checkpoint), given, flags.FLAGS.workdir,
-                                      _method_given(sys.argv))
-    else:
-        metrics = evaluate_workdir(flags.FLAGS.workdir, given if given.keys() else None)
+    metrics = evaluate_workdir(flags.FLAGS.workdir, given if given.keys() else None)
     if jax.process_index() == 0:
         print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
     # Defined here, not at import: fgpair_jax.main imports modules that import this one.
-    flags.DEFINE_string("workdir", None, "Run directory written by fgpair_jax.main (with --checkpoint: a new "
-                        "one, for the result).", required=True)
-    flags.DEFINE_string("checkpoint", None, "Evaluate this checkpoint of another project as it is (torch .pth / "
-                        ".pth.tar, .safetensors; README: Checkpoints), with --config=<config file>.")
+    flags.DEFINE_string("workdir", None, "Run directory written by fgpair_jax.main.", required=True)
     define_config_flag(sys.argv)
     cli.run(main)

@@ -39,8 +39,10 @@ import ml_dtypes
 import numpy as np
 from flax import serialization, traverse_util
 
+from fgpair_jax import safetensors_io
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.errors import MissingFileError, UserError
+from fgpair_jax.safetensors_io import TensorSpec  # shapes-only records, shared by both readers
 
 CONVERTER_VERSION = 1  # Bump when the conversion rule changes: invalidates cached conversions.
 # torchvision's ImageNet1K_V1 checkpoints; the hex in each name is the first 8 digits of its SHA-256.
@@ -214,17 +216,6 @@ def _read_legacy(path: str, with_data: bool = True):
     return obj, storages
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """A tensor's shape and numpy dtype, read without its data (`read_checkpoint(..., with_data=False)`)."""
-    shape: Tuple[int, ...]
-    dtype: Any
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
 def _materialise(obj, storages):
     """Replace tensor references by numpy arrays (copies: the file's buffers are not kept), or by
     `TensorSpec`s when `storages` is None (shapes only)."""
@@ -253,8 +244,6 @@ def read_checkpoint(path: str, with_data: bool = True) -> Any:
     `.safetensors` (a flat {name: tensor} dict; `safetensors_io.py`), told apart by their first bytes.
     Raises `MissingFileError` (no file) or `CheckpointError` (one line: unreadable, truncated).
     """
-    from fgpair_jax import safetensors_io  # a leaf module; imported here to keep this one's imports few
-
     if not os.path.isfile(path):
         raise MissingFileError(f"Pretrained checkpoint {path!r} does not exist; pass init='imagenet' or the path "
                                "of a torch (.pth, .pth.tar) or .safetensors checkpoint.")

@@ -106,7 +106,12 @@ def check_init_checkpoint(config) -> Optional[str]:
     pretrained.check_layout(_subtree(abstract, "encoder"), pretrained.without_classifier(imported["encoder"]), what)
     for subtree, loaded in imported["branches"].get(config.method, {}).items():
         modules = "/".join(method.CHECKPOINT_BRANCHES[subtree])
-        pretrained.check_layout(_subtree(abstract, subtree), loaded, f"{what} ({config.method}'s {modules} -> {subtree})")
+        try:
+            pretrained.check_layout(_subtree(abstract, subtree), loaded, f"{what} ({config.method}'s {modules} -> {subtree})")
+        except pretrained.CheckpointError as error:
+            reason = str(error).split(": it is not a checkpoint")[0]
+            raise pretrained.CheckpointError(f"{reason}: set config.{config.method}'s widths to the checkpoint's "
+                                             f"(or use --config.method=moco to leave {modules} out).") from None
     return summary
 
 

@@ -7,10 +7,11 @@ those offsets from the end of the header. It holds a flat {name: tensor} dict an
 hubs ship ResNet weights this way. Written here by `write` (export.py); the tests check both directions
 against the `safetensors` package when it is installed.
 """
+import dataclasses
 import json
 import os
 import struct
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -24,6 +25,18 @@ DTYPES = {
 }
 _NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's shape and numpy dtype, read without its data (`with_data=False` here and in
+    `pretrained.read_checkpoint`): what the preflight checks a checkpoint with."""
+    shape: Tuple[int, ...]
+    dtype: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 class SafetensorsError(UserError, ValueError):
@@ -55,11 +68,9 @@ def read_header(path: str) -> dict:
 
 
 def read(path: str, with_data: bool = True) -> Dict[str, object]:
-    """{name: array} of a `.safetensors` file (header order), or {name: `pretrained.TensorSpec`} without
+    """{name: array} of a `.safetensors` file (header order), or {name: `TensorSpec`} without
     reading the data when `with_data` is False. Raises `SafetensorsError` (one line) for an unknown dtype,
     a shape that does not fit its byte range, or a file cut short."""
-    from fgpair_jax.pretrained import TensorSpec  # shapes-only records are shared with the torch reader
-
     header = read_header(path)
     size = os.path.getsize(path)
     with open(path, "rb") as stream:
