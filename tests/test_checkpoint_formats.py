@@ -126,6 +126,13 @@ def test_ddp_checkpoint_with_module_prefix_loads(tmp_path):
     variables, summary = imported(path)
     assert_same_encoder(variables["encoder"])
     assert "prefix 'module.'" in summary
+    # The issue's second try: MoCo's state dict with `module.encoder_q.` stripped by hand keeps its MLP head.
+    stripped = tmp_path / "stripped.pth"
+    torch.save({k[len("module.encoder_q."):]: v for k, v in moco_state_dict().items()
+                if k.startswith("module.encoder_q.")}, stripped)
+    variables, summary = imported(stripped)
+    assert_same_encoder(variables["encoder"])
+    assert "prefix '' (72 entries); dropped fc.0 (2), fc.2 (2)." in summary, summary
 
 
 @pytest.mark.parametrize("writer", ["ours", "safetensors"])
@@ -367,13 +374,52 @@ def tiny_torch_resnet():
                 setattr(self, f"layer{stage + 1}", nn.Sequential(Block(in_c, out_c, 1 if stage == 0 else 2)))
             self.fc = nn.Identity()  # as one loads an exported encoder without --fc_classes
 
-        def forward(self, x):
+        def feature_map(self, x):
             x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
             for stage in range(1, 5):
                 x = getattr(self, f"layer{stage}")(x)
-            return self.fc(x.mean(dim=(2, 3)))
+            return x
+
+        def forward(self, x):
+            return self.fc(self.feature_map(x).mean(dim=(2, 3)))
 
     return Net()
+
+
+def test_an_lcr_checkpoint_is_evaluated_with_lcrs_own_feature(tmp_path):
+    """The re-measure is of LCR's feature: method lcr's eval_features on the imported checkpoint equal
+    builder.py `inference` run in torch on the same weights (encoder_q's map, conv16, bn16, relu, channel
+    max, min-max over the batch, mean, L2 normalisation)."""
+    torch = pytest.importorskip("torch")
+    from fgpair_jax.methods import lcr
+
+    net = tiny_torch_resnet().eval()
+    net.load_state_dict(torch_tensors(STATE), strict=True)
+    torch.manual_seed(0)
+    conv16, bn16 = torch.nn.Conv2d(64, 32, 1, bias=False), torch.nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        bn16.weight.uniform_(0.5, 1.5), bn16.bias.normal_(0, 0.5)
+        bn16.running_mean.normal_(0, 1e5), bn16.running_var.uniform_(1e9, 2e9)  # the tiny net's scale
+    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"module.conv16.{k}": v for k, v in conv16.state_dict().items()})
+    state.update({f"module.bn16.{k}": v for k, v in bn16.state_dict().items()})
+    path = tmp_path / "checkpoint_0099.pth.tar"
+    torch.save({"epoch": 100, "arch": "resnet50", "state_dict": state}, path)
+    config = tiny_config(**{"method": "lcr", "model.init": str(path), "data.image_size": 64, "num_epochs": 0})
+    variables = run.pretrained_variables(config, str(tmp_path / "run"))
+    images = np.random.RandomState(2).randn(lcr.per_gpu_batch(config), 64, 64, 3).astype(np.float32)
+    got = np.asarray(lcr.eval_features(variables["params"], variables["batch_stats"], images, config))
+    with torch.no_grad():
+        feature_map = net.feature_map(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+        attention = torch.relu(bn16(conv16(feature_map))).max(dim=1).values
+        attention = attention - attention.min()
+        attention = attention / (1e-7 + attention.max())
+        pooled = (feature_map * attention[:, None]).mean(dim=(2, 3))
+        expected = torch.nn.functional.normalize(pooled, dim=1).numpy()
+        plain = torch.nn.functional.normalize(feature_map.mean(dim=(2, 3)), dim=1).numpy()
+    assert got.shape == expected.shape == (4, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(got - plain).max() > 1e-2  # the attention weighs positions: not the plain pooled feature
 
 
 def test_exported_pth_loads_strictly_into_torch_and_its_forward_matches_jax(tmp_path):
