@@ -35,6 +35,7 @@ from flax import serialization, traverse_util
 
 from fgpair_jax import pretrained
 from fgpair_jax.atomic_files import write_atomically
+from fgpair_jax.export import torchvision_order
 from fgpair_jax.pretrained import CheckpointError, TensorSpec
 
 # torchvision ResNet's children in order: a backbone saved as nn.Sequential(*children) numbers them.
@@ -128,6 +129,13 @@ def _renamed(rest: str, sequential: bool) -> str:
     return rest
 
 
+def _torch_shape(flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """A flax shape in torch's layout: HWIO -> OIHW, [in, out] -> [out, in] (`flax_key` inverted)."""
+    if len(flax_shape) == 4:
+        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    return tuple(reversed(flax_shape)) if len(flax_shape) == 2 else flax_shape
+
+
 def _candidate(flat, prefix: str, sequential: bool, expected: Mapping[str, Tuple[int, ...]]) -> _Candidate:
     entries = {_renamed(name[len(prefix):], sequential): value for name, value in flat.items()
                if name.startswith(prefix)}
@@ -143,13 +151,14 @@ def _candidate(flat, prefix: str, sequential: bool, expected: Mapping[str, Tuple
         elif key.split("/")[1] == CLASSIFIER and len(key.split("/")) == 3:
             classifier[key] = name
     problem = None
-    for key, shape in expected.items():
+    for key, shape in sorted(expected.items(), key=lambda item: torchvision_order(torch_name(item[0]))):
         if key not in shapes:
             problem = f"lacks {torch_name(key)} (model shape {tuple(shape)})"
             break
         if key not in used:
-            found, name = shapes[key]
-            problem = f"has {name} of flax shape {found} where the model needs {tuple(shape)}"
+            name = shapes[key][1]
+            problem = (f"has {name} of shape {tuple(entries[name].shape)} where the model needs "
+                       f"{_torch_shape(tuple(shape))}")
             break
     for key, name in list(classifier.items()):
         if key.endswith("kernel") and len(entries[name].shape) != 2:
@@ -253,7 +262,7 @@ def select_encoder(flat: Mapping[str, Any], expected: Mapping[str, Tuple[int, ..
         raise CheckpointError(f"{what}: no entry ends in {first}, the first entry of the encoder (its entries "
                               f"start {sample}); is it a checkpoint of this architecture (config.model.name)?")
     if not complete:
-        closest = max(candidates, key=lambda c: len(c.used))
+        closest = max(candidates, key=lambda c: (len(c.used), not _is_momentum(c.prefix)))  # ties: the online one
         raise CheckpointError(f"{what}: no complete encoder; the closest is prefix {closest.shown} with "
                               f"{len(closest.used)} of {len(expected)} entries, which {closest.problem}: is it a "
                               "checkpoint of this architecture (config.model.name)?")

@@ -67,13 +67,13 @@ def torchvision_state_dict(encoder_variables: Mapping, *, fc_classes: int = 0,
             raise ExportError(f"the encoder has a classifier of shape {state['fc.weight'].shape}; drop --fc_classes.")
         state.setdefault("fc.weight", np.zeros((fc_classes, width), np.float32))
         state.setdefault("fc.bias", np.zeros((fc_classes,), np.float32))
-    return {key: np.array(state[key], order="C") for key in sorted(state, key=_torchvision_order)}  # 0-d stays 0-d
+    return {key: np.array(state[key], order="C") for key in sorted(state, key=torchvision_order)}  # 0-d stays 0-d
 
 
 _LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _torchvision_order(name: str):
+def torchvision_order(name: str):
     """Sort key giving torchvision's state-dict order: conv1, bn1, layer1.0 (conv1, bn1, conv2, bn2, ...,
     downsample.0, downsample.1), ..., fc; within a module weight, bias, running_mean, running_var, counter."""
     *modules, leaf = name.split(".")

@@ -261,6 +261,7 @@ def test_unusable_checkpoints_name_the_closest_prefix_and_the_first_key(tmp_path
     message = str(error.value)
     assert "\n" not in message and "truncated" not in message
     assert "closest is prefix 'module.encoder_q.'" in message and "config.model.name" in message
+    assert "which has conv1.weight of shape (64, 3, 7, 7) where the model needs (8, 3, 7, 7)" in message
     vit = str(tmp_path / "vit.safetensors")
     safetensors_io.write(vit, {"blocks.0.attn.qkv.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(pretrained.CheckpointError, match=r"no entry ends in conv1\.weight, the first entry of the "
