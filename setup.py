@@ -38,7 +38,10 @@ setup(
         #   jax_compilation_cache_max_size), which jax uses without declaring it;
         # - torch and the EfficientNet-Lite port: the slow references the converted models are checked
         #   against (test_pretrained.py). Pinned: an unpinned torch resolves to a multi-GB CUDA build.
-        "dev": ["pytest>=8", "pytest-xdist>=3", "filelock>=3", "torch==2.13.0", "efficientnet-lite-pytorch==0.1.0"],
+        # - safetensors: the reference .safetensors reader/writer that safetensors_io.py (which needs no
+        #   package) is checked against in tests/test_checkpoint_formats.py.
+        "dev": ["pytest>=8", "pytest-xdist>=3", "filelock>=3", "torch==2.13.0", "efficientnet-lite-pytorch==0.1.0",
+                "safetensors>=0.4"],
         # To look at <workdir>/tensorboard (written by tensorboardX without TensorFlow): tensorboard --logdir.
         "tensorboard": ["tensorboard>=2.16"],
     },

@@ -73,7 +73,8 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     c.model.name = "resnet50"  # encoder: resnet18 | resnet18_half | resnet50 (paper) | efficientnet_lite0 | resnet_tiny
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (use bfloat16 on GPU/TPU)
     c.model.bn_groups = 4  # batch-norm statistic groups = MoCo's per-GPU shuffle-BN (32 images each)
-    c.model.init = "imagenet"  # paper: ImageNet start (torchvision ResNet-50, fetched once) | none | a .pth path
+    c.model.init = "imagenet"  # paper: ImageNet start (torchvision ResNet-50, fetched once) | none | a checkpoint path (README: Checkpoints)
+    c.model.init_prefix = ""  # '' finds the online encoder in a wrapped checkpoint; else its exact prefix (e.g. 'state_dict.module.encoder_q.')
     c.model.frozen_stages = 0  # EfficientNet-Lite0: stem + first N stages frozen (no gradient, running BN)
     c.model.depthwise_impl = "auto"  # EfficientNet-Lite0 depthwise conv: auto | shifted (fast on CPU) | conv
     c.model.keep_bn_stats = False  # True: BN running statistics stay at init during SSL (evaluation uses them)

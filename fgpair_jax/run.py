@@ -19,8 +19,8 @@ from fgpair_jax import checkpointing, optim, parallel, pretrained
 from fgpair_jax import state as state_lib
 from fgpair_jax.data import pipeline
 from fgpair_jax.errors import MissingFileError
-from fgpair_jax.methods import get_method
-from fgpair_jax.models import load_pretrained
+from fgpair_jax.methods import checkpoint_branches, get_method
+from fgpair_jax.models import IMAGENET, import_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,20 +61,78 @@ def open_checkpoints(config, workdir: str, run_plan: RunPlan) -> checkpointing.C
                                       checkpointing.fingerprint(config, run_plan.abstract_state), legacy=legacy)
 
 
+def _import_init(config, cache_dir: Optional[str], with_data: bool):
+    return import_init(config.model.init, config.model, cache_dir, method=config.method,
+                       method_branches=checkpoint_branches(), with_data=with_data)
+
+
+def _subtree(variables, name: str) -> dict:
+    return {c: variables[c][name] for c in ("params", "batch_stats") if name in variables.get(c, {})}
+
+
+def _merge_imported(variables, imported, config) -> dict:
+    """`variables` (the method's, fresh or abstract) with the encoder and the method's imported branches
+    replaced; every key and shape checked (`pretrained.CheckpointError`, one line)."""
+    what = f"config.model.init={config.model.init!r}"
+    replaced = {"encoder": pretrained.merge_pretrained(_subtree(variables, "encoder"), imported["encoder"], what)}
+    for subtree, loaded in imported["branches"].get(config.method, {}).items():
+        modules = "/".join(get_method(config.method).CHECKPOINT_BRANCHES[subtree])
+        replaced[subtree] = pretrained.merge_pretrained(_subtree(variables, subtree), loaded,
+                                                        f"{what} ({config.method}'s {modules} -> {subtree})")
+    for name, tree in replaced.items():
+        for collection in ("params", "batch_stats"):
+            if collection in tree:
+                variables[collection][name] = tree[collection]
+    return variables
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `<workdir>/checkpoints` holds any step folder (a resumed run reads no `model.init`)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and bool(checkpointing.step_folders(os.listdir(directory)))
+
+
+def check_init_checkpoint(config) -> Optional[str]:
+    """Read `config.model.init`'s names and shapes only and check that they fit the run: the encoder (any
+    wrapper, `checkpoint_import.py`), and the method's branches (LCR's conv16/bn16 against
+    `lcr.attention_channels`). None for "none" and "imagenet" (checked by `models.check_init`); else the
+    one-line summary of what will be used and dropped. For a run of 0 epochs (evaluating a checkpoint as
+    it is) a method's branches must be in the file: an untrained branch would decide its features.
+    Raises `MissingFileError` or `pretrained.CheckpointError` (one line), before any data is built."""
+    if config.model.init in ("none", IMAGENET):
+        return None
+    imported, summary = _import_init(config, None, with_data=False)
+    method = get_method(config.method)
+    missing = [subtree for subtree in method.CHECKPOINT_BRANCHES if subtree not in imported["branches"].get(config.method, {})]
+    if missing and config.num_epochs == 0:
+        modules = "/".join(m for s in missing for m in method.CHECKPOINT_BRANCHES[s])
+        raise pretrained.CheckpointError(
+            f"config.model.init={config.model.init!r} has no {modules} beside its encoder, so {config.method}'s "
+            f"{'/'.join(missing)} would be untrained at 0 epochs; evaluate it with --config.method=moco (pooled features).")
+    abstract = jax.eval_shape(lambda r: method.init_variables(r, config), jax.random.key(0))
+    what = f"config.model.init={config.model.init!r}"
+    pretrained.check_layout(_subtree(abstract, "encoder"), pretrained.without_classifier(imported["encoder"]), what)
+    for subtree, loaded in imported["branches"].get(config.method, {}).items():
+        modules = "/".join(method.CHECKPOINT_BRANCHES[subtree])
+        try:
+            pretrained.check_layout(_subtree(abstract, subtree), loaded, f"{what} ({config.method}'s {modules} -> {subtree})")
+        except pretrained.CheckpointError as error:
+            reason = str(error).split(": it is not a checkpoint")[0]
+            raise pretrained.CheckpointError(f"{reason}: set config.{config.method}'s widths to the checkpoint's "
+                                             f"(or use --config.method=moco to leave {modules} out).") from None
+    return summary
+
+
 def pretrained_variables(config, workdir: str) -> Optional[dict]:
-    """The method's fresh variables with the encoder replaced by `config.model.init` weights; None for
-    'none'. Converted once (cached under `<workdir>/pretrained`) and checked key by key."""
+    """The method's fresh variables with the encoder (and the method's branches a checkpoint holds, e.g.
+    LCR's attention) replaced by `config.model.init` weights; None for 'none'. Converted once (cached
+    under `<workdir>/pretrained`) and checked key by key."""
     if config.model.init == "none":
         return None
     method = get_method(config.method)
     variables = jax.jit(lambda r: method.init_variables(r, config))(jax.random.key(config.seed))
-    loaded = load_pretrained(config.model.init, config.model, os.path.join(workdir, "pretrained"))
-    encoder = pretrained.merge_pretrained(
-        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]},
-        loaded, what=f"config.model.init={config.model.init!r}")
-    variables["params"]["encoder"] = encoder["params"]
-    variables["batch_stats"]["encoder"] = encoder["batch_stats"]
-    return variables
+    imported, _ = _import_init(config, os.path.join(workdir, "pretrained"), with_data=True)
+    return _merge_imported(variables, imported, config)
 
 
 def fresh_state(config, workdir: str, run_plan: RunPlan, mesh) -> state_lib.TrainState:

@@ -68,6 +68,7 @@ KEYS_ADDED_SINCE = {
     "byol.base_momentum": 0.996,
     "byol.dim": 256,
     "byol.hidden_dim": 0,
+    "model.init_prefix": "",  # before it, only plain state dicts (or under state_dict / model) loaded
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an

@@ -74,8 +74,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config = run_config.resolved(config)
     workdir = run_config.user_path(workdir)
     checkpointing.check_directory(os.path.join(workdir, "checkpoints"))  # before minutes of data building
+    init_summary = None if run.has_checkpoint(workdir) else run.check_init_checkpoint(config)  # names, shapes
     announce(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), "
              f"process {jax.process_index()} of {jax.process_count()}; workdir {workdir}")
+    if init_summary:
+        announce(f"Init: {init_summary}")
     mesh = parallel.make_mesh()
     parallel.check_batch_divisible(config.global_batch_size, mesh)
     _warn_if_sized_for_an_accelerator(config)

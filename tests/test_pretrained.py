@@ -139,8 +139,8 @@ def test_missing_and_corrupt_files_fail_with_one_line_errors(tmp_path):
     with pytest.raises(pretrained.CheckpointError, match="is truncated or not a torch checkpoint"):
         pretrained.read_torch_state_dict(str(text))
     evil = tmp_path / "evil.pth"
-    evil.write_bytes(pickle.dumps(os.system, protocol=2))  # a global outside the tensor whitelist
-    with pytest.raises(pretrained.CheckpointError, match=r"pickles posix\.system"):
+    evil.write_bytes(pickle.dumps(os.system, protocol=2))  # a global outside the tensor whitelist: inert, not run
+    with pytest.raises(pretrained.CheckpointError, match="is truncated or not a torch checkpoint"):
         pretrained.read_torch_state_dict(str(evil))
 
 

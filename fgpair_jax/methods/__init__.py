@@ -20,6 +20,9 @@ class Method(Protocol):
     """What `step.py`, `state.py`, `optim.py`, `evaluate.py`, `viz.py` and `experiments.py` use of a method."""
 
     ABLATIONS: Mapping[str, Mapping[str, Any]]  # experiment arm -> config overrides (dotted keys)
+    # params subtree -> {module of another project's checkpoint beside its encoder: flax module of the
+    # subtree}, loaded with `config.model.init` (LCR's conv16/bn16 -> attention/conv, bn); {} if none
+    CHECKPOINT_BRANCHES: Mapping[str, Mapping[str, str]]
 
     def init_variables(self, rng: jax.Array, config) -> dict:
         """Fresh {'params': {...}, 'batch_stats': {...}} (params['encoder'] is the encoder)."""
@@ -78,6 +81,12 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"Unknown config.method={name!r}; choose one of {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def checkpoint_branches() -> Dict[str, Mapping[str, Mapping[str, str]]]:
+    """{method: its `CHECKPOINT_BRANCHES`} of the methods that have any (what `checkpoint_import` looks
+    for beside an encoder)."""
+    return {name: method.CHECKPOINT_BRANCHES for name, method in METHODS.items() if method.CHECKPOINT_BRANCHES}
 
 
 def experiment_arms() -> Dict[str, Dict[str, Any]]:

@@ -28,6 +28,7 @@ from fgpair_jax.models import build_encoder, feature_dim
 from fgpair_jax.models.heads import BottleneckPredictor
 
 ABLATIONS = {}
+CHECKPOINT_BRANCHES = {}  # imported checkpoints load the encoder only (checkpoint_import.py)
 TARGET_SUBTREES = ("encoder", "projector")  # params subtrees with a target (EMA) copy: no predictor
 eval_features = moco.eval_features  # the online encoder's pooled vector, running BN statistics
 preflight_warnings = moco.preflight_warnings

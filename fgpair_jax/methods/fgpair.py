@@ -37,6 +37,7 @@ from fgpair_jax.models import feature_dim
 from fgpair_jax.models.decoder import Decoder, SpatialDecoder, decoder_geometry
 
 BASES = {"moco": moco, "simsiam": simsiam, "byol": byol}  # fgpair.base -> the SSL method underneath
+CHECKPOINT_BRANCHES = moco.CHECKPOINT_BRANCHES  # the paper releases no checkpoint of its own
 eval_features = moco.eval_features  # the pooled vector of the encoder with running BN statistics (every base)
 preflight_warnings = moco.preflight_warnings  # Grad-CAM's channel weights are defined on any map, 1x1 included
 # Experiment arms: the method itself and the ablations of which dimensions are perturbed.

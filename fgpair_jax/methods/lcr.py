@@ -67,6 +67,10 @@ data_warnings = moco.data_warnings
 has_legacy_layout = moco.has_legacy_layout
 to_legacy_fields = moco.to_legacy_fields
 from_legacy_fields = moco.from_legacy_fields
+# An LCR checkpoint (main_moco.py: DDP(MoCo).state_dict()) holds builder.py's conv16 / bn16 beside
+# `encoder_q`: they load into params/batch_stats['attention'] (`checkpoint_import.py`), so an LCR checkpoint
+# is evaluated with its own attention-pooled feature. conv16_2/bn16_2, qmax/kmax and queue_max are unused.
+CHECKPOINT_BRANCHES = {"attention": {"conv16": "conv", "bn16": "bn"}}
 optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
 EVAL_MINMAX = ("batch", "image")

@@ -41,6 +41,7 @@ from fgpair_jax.models import build_encoder, feature_dim
 from fgpair_jax.models.heads import BottleneckPredictor, SimSiamProjector
 
 ABLATIONS = {}
+CHECKPOINT_BRANCHES = {}  # imported checkpoints load the encoder only (checkpoint_import.py)
 eval_features = moco.eval_features  # the pooled vector of the encoder with its running BN statistics
 preflight_warnings = moco.preflight_warnings  # the loss uses the pooled vector only
 

@@ -124,20 +124,44 @@ def check_init(init: str, model_config) -> None:
                           "config.model.init='none' or the path of a torch checkpoint of that model.")
 
 
-def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> dict:
-    """Encoder variables `{"params", "batch_stats"}` for `init` = "imagenet" or a torch checkpoint path.
+def init_checkpoint_path(init: str, model_config) -> str:
+    """The file `init` names: the encoder record's ImageNet checkpoint for "imagenet" (found in a cache or
+    downloaded), else `init` itself with `~` expanded. Raises `ConfigError` for "imagenet" on an encoder
+    without ImageNet weights."""
+    if init == IMAGENET:
+        check_init(init, model_config)
+        return encoder_record(model_config).imagenet_weights()
+    return os.path.expanduser(init)
 
-    "imagenet" reads the encoder record's `imagenet_weights`. The variables are checked against the
-    encoder `model_config` builds (every key and shape, classifier aside; `pretrained.CheckpointError`
+
+def import_init(init: str, model_config, cache_dir: Optional[str] = None, *, method: str = "",
+                method_branches=(), with_data: bool = True):
+    """({"encoder": {"params", "batch_stats"}, "branches": {method: {subtree: variables}}}, summary line)
+    of `init` ("imagenet" or a checkpoint path: torch.save or .safetensors, plain or wrapped as
+    `checkpoint_import.py` describes), checked against the encoder `model_config` builds; `with_data=False`
+    reads names and shapes only (leaves are `pretrained.TensorSpec`s). `model_config.init_prefix` ('' =
+    automatic) names the encoder's prefix. Raises `MissingFileError` or `pretrained.CheckpointError` (one line).
+    """
+    from fgpair_jax import checkpoint_import  # imports pretrained only; kept local to keep this registry light
+
+    path = init_checkpoint_path(init, model_config)
+    expected = checkpoint_import.expected_shapes(abstract_encoder_variables(model_config))
+    return checkpoint_import.import_encoder(
+        path, expected, what=f"checkpoint {os.path.basename(path)!r} for {model_config.name}",
+        prefix=model_config.get("init_prefix", ""), method_branches=method_branches, method=method,
+        cache_dir=cache_dir, with_data=with_data)
+
+
+def load_pretrained(init: str, model_config, cache_dir: Optional[str]) -> dict:
+    """Encoder variables `{"params", "batch_stats"}` for `init` = "imagenet" or a checkpoint path.
+
+    "imagenet" reads the encoder record's `imagenet_weights`; a path may be any checkpoint `import_init`
+    reads (the encoder found inside MoCo/LCR/DDP/SSL-library wrappers). The variables are checked against
+    the encoder `model_config` builds (every key and shape, classifier aside; `pretrained.CheckpointError`
     on a mismatch); the checkpoint's classifier, if any, is kept under params/fc for checking logits.
     Raises `ConfigError` for "imagenet" on an encoder without ImageNet weights.
     """
-    if init == IMAGENET:
-        check_init(init, model_config)
-        path = encoder_record(model_config).imagenet_weights()
-    else:
-        path = init
-    variables = pretrained.convert_checkpoint(path, cache_dir)
+    variables = import_init(init, model_config, cache_dir)[0]["encoder"]
     pretrained.check_layout(abstract_encoder_variables(model_config), pretrained.without_classifier(variables),
-                            f"checkpoint {os.path.basename(path)!r} for {model_config.name}")
+                            f"checkpoint {os.path.basename(init)!r} for {model_config.name}")
     return variables
