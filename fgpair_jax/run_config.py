@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from fgpair_jax import numerics
-from fgpair_jax.data import images, nuisance, sources as data_sources, splits
+from fgpair_jax.data import aircraft, images, nuisance, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import BASELINE, get_method
@@ -25,7 +25,6 @@ from fgpair_jax.models import check_init, compute_dtype, frozen_modules
 from fgpair_jax.models.efficientnet_lite import DEPTHWISE_IMPLS
 
 CONFIG_FILE = "config.json"
-AIRCRAFT_TRAIN_SPLITS = ("trainval", "train")
 
 # Keys added after runs were first saved, with the value that reproduces what those runs did (not
 # today's default), so that older workdirs re-evaluate and resume unchanged.
@@ -225,8 +224,7 @@ def validate(config) -> None:
         _check(0.0 < config.data[key] <= 1.0, f"config.data.{key}={config.data[key]} must lie in (0, 1].")
     _check(config.data.worker_count >= 0, f"config.data.worker_count={config.data.worker_count} must be >= 0.")
     images.check_max_image_pixels(config.data.max_image_pixels)
-    _check(config.data.aircraft_train_split in AIRCRAFT_TRAIN_SPLITS,
-           f"config.data.aircraft_train_split={config.data.aircraft_train_split!r}: use one of {AIRCRAFT_TRAIN_SPLITS}.")
+    aircraft.train_split(config.data)  # ConfigError for another value than trainval | train
     _check(not config.data.aircraft_remove_banner or config.data.name == "aircraft",
            f"config.data.aircraft_remove_banner=True is for FGVC-Aircraft's copyright banner, not "
            f"{config.data.name!r}; set it to False.")

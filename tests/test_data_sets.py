@@ -199,3 +199,26 @@ def test_a_missing_folder_names_the_layout_and_how_to_get_the_data(name, tmp_pat
     if sources.DATA_SETS[name].download:
         assert "config.data.download=True" in message
     assert not (tmp_path / "tfds").exists()
+
+
+def test_crop_to_box_on_a_folder_without_boxes_is_refused_before_anything_is_built(tmp_path):
+    folder = synthetic.write_tiny_image_folder(str(tmp_path / "images"))
+    with pytest.raises(ValueError, match="crop_to_box=True"):
+        _load("image_folder", folder, tmp_path / "tfds", **{"data.crop_to_box": True})
+    assert not (tmp_path / "tfds" / "fgpair_folder").exists() or not any(
+        name[0].isdigit() for _, folders, _ in os.walk(tmp_path / "tfds") for name in folders)
+
+
+def test_a_folder_of_downloads_extracts_only_the_data_sets_own_archives(tmp_path):
+    folder = synthetic.write_tiny_aircraft(str(tmp_path / "unpacked" / "fgvc-aircraft-2013b"))
+    downloads = tmp_path / "Downloads"
+    downloads.mkdir()
+    with tarfile.open(downloads / "fgvc-aircraft-2013b.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="fgvc-aircraft-2013b")
+    with tarfile.open(downloads / "holiday_photos.tar", "w") as tar:
+        tar.add(folder, arcname="unrelated")
+    (downloads / "notes.txt").write_text("not the data set")
+    _, info = _load("aircraft", downloads, tmp_path / "tfds")
+    assert info.split_sizes == {"train": 18, "test": 9}
+    extracted = [name for top, folders, _ in os.walk(tmp_path / "tfds" / "extracted") for name in folders]
+    assert "unrelated" not in extracted and "fgvc-aircraft-2013b" in extracted

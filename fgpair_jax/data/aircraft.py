@@ -34,7 +34,8 @@ Where each detail was checked (public sources, read, not copied):
   space, the archive's top folder fgvc-aircraft-2013b/: torchvision `FGVCAircraft` (pytorch/vision,
   torchvision/datasets/fgvc_aircraft.py), which reads data/variants.txt line by line (stripped) and
   data/images_variant_<split>.txt for split in train, val, trainval, test.
-- 100 variants in variants.txt (the paper and README say 102; the 2013b list has 100): mlverse/torchvision
+- 100 variants in variants.txt (the project page describes 102 variants and 10,200 images; the 2013b lists
+  hold 100 and 10,000): mlverse/torchvision
   R/dataset-fgvc.R ("There are 100 visually distinguishable variants"). Names with '/': the Meta-Dataset split
   lists ('F/A-18', 'F-16A/B').
 - The archive's MD5 (see `DATA_SET.download.checksum_source`): pinned as d4acdd33... by mlverse/torchvision
@@ -255,4 +256,5 @@ DATA_SET = records.DataSet(
             "'MD5 Sum' page (archives/fgvc-aircraft-2013b.html), which was not read here"
         ),
     ),
+    official_files=("fgvc-aircraft-2013b.tar.gz",),
 )

@@ -100,6 +100,8 @@ def resolve_manual_dir(data_set: records.DataSet, manual_dir: str, data_dir: str
         if os.path.exists(os.path.join(manual_dir, data_set.marker)):
             return manual_dir  # the common case: one stat
         names = sorted(name for name in os.listdir(manual_dir) if not name.startswith("."))
+        if data_set.official_files:  # only the data set's own downloads, not whatever else the folder holds
+            names = [name for name in names if name in data_set.official_files]
         files = [os.path.join(manual_dir, name) for name in names if os.path.isfile(os.path.join(manual_dir, name))]
         stem = _stem(manual_dir, is_file=False)
         # Keyed over all its plain files (stats only), so a finished extraction is found without reading any.

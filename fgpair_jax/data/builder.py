@@ -240,7 +240,7 @@ class FolderBuild(tfds.core.GeneratorBasedBuilder):
             raise _nothing_readable_error(index, split, by_reason, config.located.other_case)
         for reason, names in by_reason.items():
             _LOG.warning("%s %s split: skipped %d %s images: %s%s", index.data_set, split, len(names), reason,
-                         ", ".join(names[:_SKIPPED_NAMES_SHOWN]), _hint(reason, names, config.located.other_case))
+                         ", ".join(names[:_SKIPPED_NAMES_SHOWN]), _hint(reason, names, config.located.other_case, index.listed_in))
         if downscaled:
             _LOG.warning("%s %s split: stored %d images downscaled to %d pixels (Pillow's limit, so that every "
                          "reader decodes them): %s", index.data_set, split, len(downscaled), images.STORED_MAX_PIXELS,
@@ -262,7 +262,7 @@ _HINTS = {
 }
 
 
-def _hint(reason: str, names: Sequence[str], other_case: Mapping[str, str]) -> str:
+def _hint(reason: str, names: Sequence[str], other_case: Mapping[str, str], listed_in: str = "the index") -> str:
     """What to add to a count of `names` skipped for `reason`: its fix, or for missing names spelt on disk in
     another letter case ('.JPG' for '.jpg'; see `FolderListing.other_case`) how many and one example."""
     if reason != MISSING:
@@ -272,7 +272,7 @@ def _hint(reason: str, names: Sequence[str], other_case: Mapping[str, str]) -> s
         return ""
     verb = "is" if len(found) == 1 else "are"
     return (f" ({len(found)} of them {verb} on disk in another letter case, e.g. {other_case[found[0]]!r} for "
-            f"{found[0]!r}: correct images.txt or rename the files)")
+            f"{found[0]!r}: correct {listed_in} or rename the files)")
 
 
 def _nothing_readable_error(index: records.DataIndex, split: str, by_reason: Mapping[str, Sequence[str]],
@@ -286,7 +286,7 @@ def _nothing_readable_error(index: records.DataIndex, split: str, by_reason: Map
     return DataError(
         f"{index.data_set} {index.manual_dir!r}: none of the {len(names)} {split} images listed in "
         f"{index.listed_in} could be read from {images_dir}/ ({counts}, e.g. {names[0]!r})"
-        f"{_hint(main_reason, by_reason[main_reason], other_case)}; {index.expected_layout}."
+        f"{_hint(main_reason, by_reason[main_reason], other_case, index.listed_in)}; {index.expected_layout}."
     )
 
 
@@ -344,7 +344,7 @@ class SourceInfo:
 
 def load_sources(
     data_set: records.DataSet, manual_dir: str, data_dir: str, *, max_image_pixels: int | None = None,
-    data_config=None,
+    data_config=None, check_index=None,
 ) -> tuple[dict[str, Sequence[dict]], SourceInfo]:
     """Builds the data set's folder into `data_dir` on first use (reused afterwards) and opens random-access
     sources.
@@ -352,7 +352,8 @@ def load_sources(
     Each source element is a dict: image uint8 [H,W,3] (decoded with PIL), label int64 in 0..C-1, class_id,
     image_id, file_name (bytes), box float32 [4] (x_min, y_min, x_max, y_max in pixels; the whole image
     where the data set has none). `data_config` (`config.data`) carries the data set's own knobs to its
-    reader. `max_image_pixels`: images with more pixels are skipped as "too large"; None means Pillow's
+    reader. `check_index(index)`, when given, runs on the reader's `DataIndex` before anything is built (e.g.
+    box crops asked of a folder without boxes: `sources.check_crops`). `max_image_pixels`: images with more pixels are skipped as "too large"; None means Pillow's
     decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million). A raised limit is a build
     of its own.
 
@@ -361,6 +362,8 @@ def load_sources(
     """
     config = build_config(data_set, manual_dir, max_image_pixels=max_image_pixels, data_config=data_config)
     index = config.index
+    if check_index is not None:
+        check_index(index)
     build_folder = _build_folder(data_dir, config.name)
     with _write_errors_as_one_line(data_dir), build_lock(data_dir, config.name):
         # Nobody else is building this config now: what an earlier, killed build left is stale.

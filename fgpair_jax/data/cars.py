@@ -280,4 +280,5 @@ DATA_SET = records.DataSet(
         "config.data.manual_dir to that folder."
     ),
     download=None,
+    official_files=("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat"),
 )

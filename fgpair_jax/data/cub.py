@@ -212,4 +212,5 @@ DATA_SET = records.DataSet(
                          "widely used CUB2011 ImageFolder readers); CaltechDATA lists the file's MD5 on its record "
                          "page, which we could not open from here"),
     ),
+    official_files=("CUB_200_2011.tgz",),
 )

@@ -89,6 +89,9 @@ class DataSet:
       finds the root inside an extracted archive.
     download: the official archive, or None where there is no live official address.
     manual_download: one sentence on where to get the files and where to put them.
+    official_files: the names of the official archives (and loose files) a folder of downloads holds: only
+      these are extracted and keyed when `manual_dir` is such a folder (a ~/Downloads beside them); () for
+      any archive in the folder (a class-per-folder set has no official names).
     """
 
     name: str
@@ -97,3 +100,4 @@ class DataSet:
     marker: str
     manual_download: str
     download: Download | None = None
+    official_files: tuple[str, ...] = ()

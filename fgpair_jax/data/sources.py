@@ -3,6 +3,7 @@
 Add a data set: one reader module (a `records.DataSet` with its `read_index`; see `cub.py`,
 `image_folder.py`) and one entry in `DATA_SETS`. The shared builder (`builder.py`) does the rest.
 """
+import logging
 import os
 
 from fgpair_jax.data import aircraft, archives, cars, crops, cub, image_folder, splits
@@ -40,6 +41,9 @@ def check_crops(data_config, has_boxes: bool) -> None:
 def check_manual_dir(data_set, manual_dir: str, download: bool) -> None:
     """One-line `MissingFileError` for a `manual_dir` that does not exist when no download was asked for,
     naming the layout, and for a data set with an official address the download knob."""
+    if download and manual_dir and os.path.exists(manual_dir):
+        logging.warning("config.data.download=True is ignored: config.data.manual_dir=%r exists and is read "
+                        "instead (set --config.data.manual_dir= to download).", manual_dir)
     if download or (manual_dir and os.path.exists(manual_dir)):
         return
     fetch = (f" (or set config.data.download=True to fetch {data_set.download.file_name} once from "
@@ -48,7 +52,7 @@ def check_manual_dir(data_set, manual_dir: str, download: bool) -> None:
 
 
 def build_line(info) -> str:
-    """The run's line saying which build it reads: 'Data: cub (100 classes, 2,697 train / 2,947 test images),
+    """The run's line saying which build it reads: 'Data: cub (100 classes, 2,999 train / 2,903 eval images),
     build <dir> (reused)'. Sizes are the splits the run reads (with eval_split=val, train minus val / val)."""
     sizes = info.split_sizes
     return (f"Data: {info.data_set} ({info.num_classes} classes, {sizes['train']:,} train / {sizes['test']:,} "
@@ -72,9 +76,9 @@ def load_sources(config, workdir: str = ""):
     check_manual_dir(data_set, config.data.manual_dir, config.data.download)
     manual_dir = archives.resolve_manual_dir(data_set, config.data.manual_dir, data_dir,
                                              download=config.data.download)
-    sources, info = builder.load_sources(data_set, manual_dir, data_dir,
-                                         max_image_pixels=config.data.max_image_pixels, data_config=config.data)
-    check_crops(config.data, info.has_boxes)
+    sources, info = builder.load_sources(
+        data_set, manual_dir, data_dir, max_image_pixels=config.data.max_image_pixels, data_config=config.data,
+        check_index=lambda index: check_crops(config.data, index.has_boxes))  # before any image is decoded
     chosen = []
     if config.data.aircraft_remove_banner:
         chosen.append(crops.without_bottom_rows(aircraft.BANNER_ROWS))
