@@ -24,7 +24,7 @@ archive are left in `<data_dir>/extracted/` (another run may still read them); d
 
 Extraction is made in a temporary sibling folder (`<target>.incomplete-<random>`) and renamed to the target
 only when complete, so a killed extraction never looks complete. It runs under an exclusive `fcntl.flock` on
-`<target>.lock` (the pattern of `builder.build_lock`): of two processes resolving the same archive at once, one
+`<target>.lock` (`locks.exclusive`, as a build): of two processes resolving the same archive at once, one
 extracts and the other waits and reuses the result; the holder of the lock removes temporary folders an
 earlier, killed extraction left. Downloads hold one lock on `<data_dir>/downloads/.lock` the same way.
 
@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -75,7 +74,7 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 
-from fgpair_jax.data import records
+from fgpair_jax.data import locks, records
 from fgpair_jax.errors import DataError, DataWriteError, DownloadError, MissingFileError, UserError
 
 _LOG = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ def _extract_once(archives: Sequence[str], loose: Sequence[str], data_dir: str, 
     parent = os.path.dirname(target)
     with _storage_errors(data_dir):
         os.makedirs(parent, exist_ok=True)
-        with _exclusive(f"{target}.lock", f"extracting into {target}"):
+        with locks.exclusive(f"{target}.lock", f"extracting into {target}"):
             if os.path.isdir(target):
                 return target  # another process extracted it while this one waited
             _remove_incomplete(target)
@@ -275,21 +274,6 @@ def _remove_incomplete(target: str) -> None:
                      len(stale), parent, ", ".join(stale))
 
 
-@contextlib.contextmanager
-def _exclusive(path: str, what: str):
-    """Holds an exclusive `fcntl.flock` on `path` (as `builder.build_lock`); a process that has to wait says so."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _LOG.warning("Waiting for another process to finish %s (lock %s).", what, path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _download_and_extract(data_set: records.DataSet, manual_dir: str, data_dir: str) -> str:
     """Fetches `data_set.download` into `<data_dir>/downloads/` (reusing a file with the right MD5), then
     extracts it and finds the root."""
@@ -301,7 +285,7 @@ def _download_and_extract(data_set: records.DataSet, manual_dir: str, data_dir: 
     folder = os.path.join(data_dir, DOWNLOADS)
     with _storage_errors(data_dir):
         os.makedirs(folder, exist_ok=True)
-        with _exclusive(os.path.join(folder, ".lock"), f"downloading into {folder}"):
+        with locks.exclusive(os.path.join(folder, ".lock"), f"downloading into {folder}"):
             _remove_partial_downloads(folder)
             archive = _retrieve(spec, folder, data_set.name)
     target = _extract_once([archive], [], data_dir, _stem(archive, is_file=True))

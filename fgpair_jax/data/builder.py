@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
-from fgpair_jax.data import images, records
+from fgpair_jax.data import images, locks, records
 from fgpair_jax.data.images import MISSING, SKIP_REASONS, TOO_LARGE, UnreadableImage
 from fgpair_jax.data.records import SPLITS
 from fgpair_jax.errors import DataError, DataWriteError, UserError
@@ -407,16 +406,8 @@ def build_lock(data_dir: str, config_name: str):
     process that has to wait says so once. The lock file is `<data_dir>/fgpair_folder/<config name>.lock`."""
     path = f"{_build_folder(data_dir, config_name)}.lock"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _LOG.warning("Waiting for another process to finish building %s (lock %s).", config_name, path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with locks.exclusive(path, f"building {config_name}"):
+        yield
 
 
 def _by_reason(metadata: Mapping, split: str) -> dict[str, tuple[str, ...]]:
