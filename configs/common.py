@@ -28,7 +28,8 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     """
     variant = arg or "paper"
     if variant not in VARIANTS:
-        raise ValueError(f"{config_file} takes one of {', '.join(repr(v) for v in VARIANTS)}, not {arg!r}.")
+        raise ValueError(f"{config_file} has no variant {arg!r}: use one of {', '.join(VARIANTS)} "
+                         f"(e.g. --config={config_file}:quick; no variant is the paper's protocol).")
 
     c = ml_collections.ConfigDict()
     c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr | simsiam | byol
