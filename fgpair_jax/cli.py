@@ -4,13 +4,14 @@ An error the user caused and can fix (`errors.UserError`: a config value, a path
 workdir of another run) prints `error: <one line>` on stderr and exits with status 2, no traceback;
 `--debug` re-raises it with its traceback. Any other exception is a bug and keeps its traceback. The
 command line itself is the user's too: an unknown `--config.key=value` key, a value of the wrong type
-(`--config.num_epochs=two`), a config variant the file does not have (`configs/cub.py:quik`) or an unknown
-flag is one line with the same status, before any work. In a multi-process job a failing process
+(`--config.num_epochs=two`), a config variant the file does not have (`configs/cub.py:quik`), a config
+file that does not exist or an unknown flag is one line with the same status, before any work. In a multi-process job a failing process
 also tells the others, which stop with one line naming it (`liveness.stop_after_failure`).
 """
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 
@@ -66,12 +67,25 @@ def flag_error_line(error: Exception, flag_values: flags.FlagValues = flags.FLAG
     return f"--{name}={value}: {' '.join(str(cause).split())}"
 
 
+def missing_config_file(argv: list) -> Optional[str]:
+    """One line when `--config=` names a file that does not exist (ml_collections defers that error to
+    the config's first use, deep in the run), listing the config files beside where it was looked for."""
+    argument = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), "")
+    path = argument.split(":", 1)[0]
+    if not path or os.path.isfile(path):
+        return None
+    folder = os.path.dirname(path) or "."
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".py")) if os.path.isdir(folder) else []
+    return (f"--config={argument}: no config file {path!r} (from {os.getcwd()})"
+            + (f"; {folder}/ has {', '.join(files)}." if files else "."))
+
+
 def _parse_flags(argv: list) -> list:
     """absl's flag parse, with a command line it cannot parse said in one line (status 2), no traceback;
     `--debug` shows the traceback instead."""
     debug = any(arg in ("--debug", "--debug=true", "--debug=True") for arg in argv)
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as error:
         if debug:
             raise
@@ -80,6 +94,14 @@ def _parse_flags(argv: list) -> list:
         if debug or not any(arg.startswith("--config.") for arg in argv):
             raise
         line = _unknown_override(error, argv)
+    except OSError:  # ml_collections: an override of a config file that did not load
+        line = missing_config_file(argv)
+        if line is None or debug:
+            raise
+    else:
+        line = missing_config_file(argv)
+        if line is None or debug:
+            return remaining
     print(f"error: {line}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 

@@ -80,3 +80,12 @@ def test_command_line_typos_are_one_line_with_status_2_from_every_command(tmp_pa
         assert process.returncode == 2, (module, stderr[-2000:])
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(commands[module][1]), (module, stderr)
     assert not (tmp_path / "root").exists()
+
+
+def test_a_config_file_that_does_not_exist_is_one_line_listing_the_ones_there(monkeypatch):
+    monkeypatch.chdir(REPO)
+    line = cli.missing_config_file(["prog", "--config=configs/cubb.py:quick", "--config.num_epochs=2"])
+    assert line.startswith("--config=configs/cubb.py:quick: no config file 'configs/cubb.py'")
+    assert line.endswith("configs/ has aircraft.py, cars.py, common.py, cub.py, cub_ablations.py, image_folder.py.")
+    assert cli.missing_config_file(["prog", "--config=configs/cub.py:quik"]) is None  # the file exists
+    assert cli.missing_config_file(["prog", "--config.eval.knn_k=3"]) is None  # evaluate: the workdir's config
