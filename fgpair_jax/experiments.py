@@ -72,8 +72,8 @@ def requested_arms(arms: list) -> list:
     """`--arms` as given; `ConfigError` naming the unknown ones and the choices."""
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
-        raise ConfigError(f"--arms={','.join(arms)}: unknown arm(s) {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {', '.join(ARMS)}.")
+        problem = f"unknown arm(s) {', '.join(unknown)}" if unknown else "no arm given"
+        raise ConfigError(f"--arms={','.join(arms)}: {problem}; choose from {', '.join(ARMS)}.")
     return list(arms)
 
 
