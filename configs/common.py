@@ -20,15 +20,17 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     GPU/TPU), 'quick' (CPU-sized, minutes end to end), 'medium' (quick trained 16 epochs with ImageNet's
     BN statistics kept and a 2 + 2 epoch warm-up and ramp: long enough for the synthesized pairs to act,
     for studies on a CPU), 'scratch' (the CPU test bed: ResNet-18 from random init at 80 px, MoCo v2
-    with a 1,024-key queue; no ImageNet start for SSL to erode) or 'tiny' (seconds, on `data/synthetic.py` folders: the one config of the
-    tests, the smoke runs and the kill harness).
+    with a 1,024-key queue; no ImageNet start for SSL to erode) or 'tiny' (8-channel ResNet, 32 px, one epoch: the one
+    config of the tests, the smoke runs and the kill harness; seconds on their `data/synthetic.py` folders,
+    minutes on the CUB subset it reads by default).
 
     Raises:
       ValueError: any other `arg`.
     """
     variant = arg or "paper"
     if variant not in VARIANTS:
-        raise ValueError(f"{config_file} takes one of {', '.join(repr(v) for v in VARIANTS)}, not {arg!r}.")
+        raise ValueError(f"{config_file} has no variant {arg!r}: use one of {', '.join(VARIANTS)} "
+                         f"(e.g. --config={config_file}:quick; no variant is the paper's protocol).")
 
     c = ml_collections.ConfigDict()
     c.method = "fgpair"  # SSL method: fgpair (the paper) | moco | lcr | simsiam | byol
@@ -207,7 +209,8 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
         c.eval.knn_every_epochs = 0
         c.checkpoint_every_steps = 100
     if variant == "tiny":
-        # The quick run shrunk to seconds (8-channel ResNet, 32 px, batch 8, one epoch): tests, smoke runs.
+        # The quick run shrunk for the tests (8-channel ResNet, 32 px, batch 8, one epoch): seconds on their
+        # synthetic folders, minutes on the CUB subset (results/README.md).
         c.num_epochs = 1
         c.global_batch_size = 8
         c.data.image_size = 32

@@ -1,14 +1,21 @@
 """The comparison table: methods x seeds under one budget, resumable, with a Markdown table and a plot.
 
     python -m fgpair_jax.experiments --config=configs/cub.py:quick --arms=moco,lcr,fgpair,variance,gradcam,random \
-        --seeds=0,1,2 --root=workdirs/table --results=results/table_quick_cpu
+        --seeds=0,1,2
 
 Every run gets the same config except its arm's overrides (`ARMS`) and its seed, so budget, image size,
 init and augmentations are equal by construction. A run's workdir is `<root>/<arm>_seed<s>`: a half-done
-run resumes from its checkpoint, a finished one (its `<results>/runs/<arm>_seed<s>.json` exists) is not
-run again, so the experiment can be spread over several sessions or machines sharing `--results`.
-The summary gives, per arm, the mean and 95% confidence interval (Student t over seeds) of each metric
-and, for arms run with the same seeds as `moco`, the paired gain over `moco` with its interval.
+run resumes from its checkpoint. A finished one (its `<results>/runs/<arm>_seed<s>.json` exists) is not
+run again when it was trained under the same config (every key that defines training:
+`run_config.training_fingerprint`, the check a resumed checkpoint gets); a record trained under another
+config is refused, before any training, in one line naming the first differing key. So the experiment
+can be spread over several sessions or machines sharing `--results`, and a results folder never hands
+back another config's numbers. `--root` defaults to `workdirs/table_<config file>_<variant>` (outside the
+tracked tree) and `--results` to `<root>/results`.
+The table holds the requested arms x seeds (`--summary_only` without `--arms`/`--seeds`: every finished
+run in `--results`). The summary gives, per arm, the mean and 95% confidence interval (Student t over
+seeds) of each metric and, for arms run with the same seeds as `moco` (when `moco` is among the arms),
+the paired gain over `moco` with its interval.
 Nothing here chooses hyper-parameters: the test split is read once per run, by its final evaluation.
 To tune, run the same command with `--config.data.eval_split=val` and another `--root` and `--results`
 (a final run's checkpoint is refused for a tuning run and vice versa): every run
@@ -20,12 +27,12 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from fgpair_jax import cli, run_config
 from fgpair_jax.atomic_files import write_atomically
-from fgpair_jax.errors import ConfigError
+from fgpair_jax.errors import ConfigError, UserError
 from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.evaluation.similarity import linear_cka
 from fgpair_jax.methods import BASELINE, experiment_arms
@@ -40,20 +47,48 @@ REFERENCE = "init"  # not a method: no gain over the baseline is computed for it
 GAIN = f"gain_over_{BASELINE}"
 DEFAULT_ARMS = [arm for arm in ARMS if arm not in (REFERENCE, "none")]
 
+REPORT_FILES = ("table.md", "plot.png", "summary.json")  # what `write_report` writes under --results
+RUNS = "runs"  # <results>/runs/<arm>_seed<s>.json: one finished run's record
+
+
 def define_flags() -> None:
     """The command line's flags (defined when run as a program, not at import)."""
     config_flags.DEFINE_config_file("config", "configs/cub.py:quick", "Base config of every run.", lock_config=False)
-    flags.DEFINE_list("arms", DEFAULT_ARMS, f"Arms to run, of {list(ARMS)}.")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm.")
-    flags.DEFINE_string("root", "workdirs/table", "Parent of the runs' workdirs (checkpoints, logs).")
-    flags.DEFINE_string("results", "results/table", "Where per-run JSONs, the table and the plot go.")
-    flags.DEFINE_bool("summary_only", False, "Only rebuild the table and plot from finished runs.")
+    flags.DEFINE_list("arms", DEFAULT_ARMS, f"Arms to run and tabulate, of {list(ARMS)}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm (integers).")
+    flags.DEFINE_string("root", "", "Parent of the runs' workdirs (checkpoints, logs); default "
+                        "workdirs/table_<config file>_<variant>, e.g. workdirs/table_cub_quick.")
+    flags.DEFINE_string("results", "", "Where per-run JSONs, the table and the plot go; default <root>/results.")
+    flags.DEFINE_bool("summary_only", False, "Only rebuild the table and plot from finished runs (without "
+                      "--arms/--seeds: every finished run in --results).")
+
+
+def default_root(config_argument: str) -> str:
+    """`--root` when not given: `workdirs/table_<cli.config_label>`, e.g. workdirs/table_cub_quick."""
+    return os.path.join("workdirs", "table_" + cli.config_label(config_argument))
+
+
+def requested_arms(arms: list) -> list:
+    """`--arms` as given; `ConfigError` naming the unknown ones and the choices."""
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        problem = f"unknown arm(s) {', '.join(unknown)}" if unknown else "no arm given"
+        raise ConfigError(f"--arms={','.join(arms)}: {problem}; choose from {', '.join(ARMS)}.")
+    return list(arms)
+
+
+def requested_seeds(seeds: list) -> list:
+    """`--seeds` as integers; `ConfigError` for one that is not a non-negative integer."""
+    bad = [seed for seed in seeds if not seed.strip().isdigit()]
+    if bad or not seeds:
+        raise ConfigError(f"--seeds={','.join(seeds)}: seeds are non-negative integers, e.g. --seeds=0,1,2.")
+    return [int(seed) for seed in seeds]
 
 
 def arm_config(base, arm: str, seed: int):
     """`base` with the arm's overrides and `seed`; an unknown arm is a one-line error."""
     if arm not in ARMS:
-        raise ValueError(f"Unknown arm {arm!r}; choose from {sorted(ARMS)}.")
+        raise ConfigError(f"Unknown arm {arm!r}; choose from {sorted(ARMS)}.")
     return run_config.override(base, {**ARMS[arm], "seed": seed})
 
 
@@ -61,12 +96,42 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}_seed{seed}"
 
 
+def record_path(results: str, arm: str, seed: int) -> str:
+    return os.path.join(results, RUNS, run_name(arm, seed) + ".json")
+
+
+def finished_record(base, arm: str, seed: int, results: str):
+    """The record of `arm`/`seed` in `results` when that run finished under the config it would get now
+    (`arm_config`: the same `run_config.training_fingerprint`, the check a resumed checkpoint gets; keys
+    a record predates take `run_config.KEYS_ADDED_SINCE`'s values); None when it has not finished.
+
+    Raises:
+      ConfigError: the record was trained under another config (naming the first differing key, both
+        values and the fix), or records none to compare.
+    """
+    path = record_path(results, arm, seed)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    fix = "give this experiment another --results folder, or delete that file to retrain the run"
+    if not record.get("config"):
+        raise ConfigError(f"{path} records no config, so it cannot be told whether it trained under this one: {fix}.")
+    change = run_config.first_change(run_config.training_fingerprint(record["config"]),
+                                     run_config.training_fingerprint(arm_config(base, arm, seed)))
+    if change:
+        key, was, now = change
+        raise ConfigError(f"{path} was trained with config.{key}={was!r}, but this experiment asks for "
+                          f"config.{key}={now!r}: {fix}.")
+    return record
+
+
 def run_one(base, arm: str, seed: int, root: str, results: str) -> dict:
-    """Train + evaluate one arm/seed (resuming) unless its result JSON exists; returns that record."""
-    path = os.path.join(results, "runs", run_name(arm, seed) + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    """Train + evaluate one arm/seed (resuming) unless it finished under the same config
+    (`finished_record`, whose `ConfigError` it raises for a record of another config); returns its record."""
+    record = finished_record(base, arm, seed, results)
+    if record is not None:
+        return record
     from fgpair_jax import train  # heavy (JAX, TFDS): imported only when something must run
 
     config = arm_config(base, arm, seed)
@@ -77,6 +142,7 @@ def run_one(base, arm: str, seed: int, root: str, results: str) -> dict:
     record = {"arm": arm, "seed": seed, "overrides": ARMS[arm], "metrics": metrics,
               "wall_seconds_this_session": round(time.perf_counter() - started, 1),
               "config": json.loads(config.to_json_best_effort())}
+    path = record_path(results, arm, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     def write(temporary):
         with open(temporary, "w") as f:
@@ -87,7 +153,8 @@ def run_one(base, arm: str, seed: int, root: str, results: str) -> dict:
 
 
 def load_records(results: str) -> list:
-    directory = os.path.join(results, "runs")
+    """Every finished run's record in `<results>/runs/`, by file name."""
+    directory = os.path.join(results, RUNS)
     if not os.path.isdir(directory):
         return []
     records = []
@@ -175,6 +242,8 @@ def markdown_table(summary: dict) -> str:
             count = max(g[2] for g in gain.values())
             cells = [_cell(*gain[m][:2]) if m in gain else "n/a" for m in HEADLINE_METRICS]
             lines.append(f"| {arm} | {count} | " + " | ".join(cells) + " |")
+    elif BASELINE not in summary and set(summary) - {REFERENCE}:
+        lines += ["", f"No gain over {BASELINE}: {BASELINE} is not among the tabulated arms (add it to --arms)."]
     return "\n".join(lines) + "\n"
 
 
@@ -199,15 +268,16 @@ def plot(summary: dict, path: str, data: str = "") -> None:
     fig.savefig(path, dpi=110)
 
 
-def finished_features(root: str) -> dict:
-    """{(arm, seed): path of eval/features.npz} of every run under `root` that finished its evaluation."""
+def finished_features(root: str, arms=None, seeds=None) -> dict:
+    """{(arm, seed): path of eval/features.npz} of every run of `arms` x `seeds` (None: any) under `root`
+    that finished its evaluation."""
     runs = {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         arm, _, seed = name.rpartition("_seed")  # the inverse of run_name
         path = os.path.join(root, name, "eval", "features.npz")
         if arm in ARMS and seed.isdigit() and os.path.isfile(path):
             runs[(arm, int(seed))] = path
-    return runs
+    return {key: path for key, path in runs.items() if selected([{"arm": key[0], "seed": key[1]}], arms, seeds)}
 
 
 def feature_drift(runs: dict) -> dict:
@@ -259,13 +329,23 @@ def _nan_as_null(tree):
     return None if isinstance(tree, float) and not np.isfinite(tree) else tree
 
 
-def write_report(results: str, root: str = "") -> dict:
-    """summary.json, table.md and plot.png under `results` from every finished run there, and, given
-    `root`, feature_drift.json from the features the runs' workdirs still hold (once, at the end: it
-    costs a few D x D products per pair of runs)."""
+def selected(records: list, arms=None, seeds=None) -> list:
+    """The records of `arms` x `seeds` (None: any)."""
+    return [record for record in records
+            if (arms is None or record["arm"] in arms) and (seeds is None or record["seed"] in seeds)]
+
+
+def write_report(results: str, root: str = "", arms=None, seeds=None) -> dict:
+    """summary.json, table.md and plot.png under `results` from the finished runs there of `arms` x
+    `seeds` (None: every one), and, given `root`, feature_drift.json from the features those runs'
+    workdirs still hold (once, at the end: it costs a few D x D products per pair of runs). Returns the
+    summary ({} and nothing written when none of those runs has finished).
+
+    Raises:
+      ConfigError: the folder's runs were trained on different data sets or evaluation splits."""
     records = load_records(results)
     data = data_of(records)
-    summary = summarize(records)
+    summary = summarize(selected(records, arms, seeds))
     if not summary:
         return summary
     with open(os.path.join(results, "summary.json"), "w") as f:
@@ -273,7 +353,7 @@ def write_report(results: str, root: str = "") -> dict:
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write((f"Data: {data}\n\n" if data else "") + markdown_table(summary))
     plot(summary, os.path.join(results, "plot.png"), data)
-    runs = finished_features(root) if root else {}
+    runs = finished_features(root, arms, seeds) if root else {}
     if runs:
         with open(os.path.join(results, "feature_drift.json"), "w") as f:
             json.dump(feature_drift(runs), f, indent=2, sort_keys=True)
@@ -283,23 +363,36 @@ def write_report(results: str, root: str = "") -> dict:
 def main(argv):
     del argv
     args = flags.FLAGS
-    args.root, args.results = run_config.user_path(args.root), run_config.user_path(args.results)
-    seeds = [int(s) for s in args.seeds]
-    unknown = [a for a in args.arms if a not in ARMS]
-    if unknown:
-        raise app.UsageError(f"Unknown arm(s) {unknown}; choose from {sorted(ARMS)}.")
-    os.makedirs(args.results, exist_ok=True)
-    if not args.summary_only:  # before any training: this experiment's data must be the folder's
+    config_argument = args["config"].config_filename
+    root = run_config.user_path(args.root or default_root(config_argument))
+    results = run_config.user_path(args.results or os.path.join(root, "results"))
+    arms, seeds = requested_arms(args.arms), requested_seeds(args.seeds)
+    if args.summary_only and not (args["arms"].present or args["seeds"].present):
+        arms = seeds = None  # the whole folder
+    if args.summary_only and args.results and not args.root:
+        root = ""  # the default root holds this config's runs, not necessarily those of the folder given
+    if not args.summary_only:  # before any training: the folder's data must be this experiment's, and its
         this = {"arm": "this experiment", "seed": "", "config": {"data": args.config.data.to_dict()}}
-        data_of(load_records(args.results) + [this])
+        data_of(load_records(results) + [this])  # finished runs must have been trained under its config
+        finished = {(arm, seed) for seed in seeds for arm in arms
+                    if finished_record(args.config, arm, seed, results) is not None}
+        os.makedirs(results, exist_ok=True)
         for seed in seeds:  # seed-major: a partial experiment still has every arm for the first seeds
-            for arm in args.arms:
+            for arm in arms:
+                if (arm, seed) in finished:
+                    announce(f"{run_name(arm, seed)}: reused (same config), {record_path(results, arm, seed)}")
+                    continue
                 announce(f"=== {run_name(arm, seed)} ===")
-                run_one(args.config, arm, seed, args.root, args.results)
-                write_report(args.results)
-    summary = write_report(args.results, args.root)
-    if summary:
-        print(markdown_table(summary))
+                run_one(args.config, arm, seed, root, results)
+                write_report(results, arms=arms, seeds=seeds)
+    summary = write_report(results, root, arms, seeds) if os.path.isdir(results) else {}
+    if not summary:
+        wanted = "" if arms is None else f" of arms {','.join(arms)} x seeds {','.join(map(str, seeds))}"
+        raise UserError(f"No finished run{wanted} in {os.path.join(results, RUNS)}: nothing to tabulate "
+                        "(run without --summary_only to train them, or give the --results folder that holds them).")
+    print(markdown_table(summary))
+    drift = " and feature_drift.json" if root and finished_features(root, arms, seeds) else ""
+    announce(f"Wrote {', '.join(REPORT_FILES)}{drift} to {results}/")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ migrated, and compared with the config a checkpoint was trained under.
 - `resolved`: paths made absolute, so `config.json` works from any directory.
 - `save` / `load`: `config.json`; `load` fills keys the saved config predates (`migrate`).
 - `training_fingerprint`: the keys a resumed run must not change (everything that defines what and
-  how it trains: the schedule, the method, the data), so `config.json` always describes what trained.
+  how it trains: the schedule, the method, the data), so `config.json` always describes what trained;
+  `first_change` compares two of them (a checkpoint's, a finished run's record in `experiments.py`).
 - `override`: dotted-key overrides (`{"fgpair.sigma": 2.0}`), ml_collections' own.
 """
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import ml_collections
@@ -174,11 +175,12 @@ def training_fingerprint(config) -> Dict[str, Any]:
             if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME)}
 
 
-def describe_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
-    """The first training key whose value differs between two `training_fingerprint`s, in words.
+def first_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[Tuple[str, Any, Any]]:
+    """(key, saved value, value now) of the first training key whose value differs between two
+    `training_fingerprint`s, or None when they agree.
 
-    A checkpoint written before a key existed ran with the value `KEYS_ADDED_SINCE` gives it, so that
-    value stands in for it; an empty `saved` (checkpoints from before training configs were recorded)
+    A run written before a key existed ran with the value `KEYS_ADDED_SINCE` gives it, so that value
+    stands in for it; an empty `saved` (checkpoints from before training configs were recorded)
     compares nothing. Keys only `saved` has (since removed) are skipped.
     """
     if saved:
@@ -186,9 +188,18 @@ def describe_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]
         saved = {**{key: value for key, value in added.items() if key in now}, **saved}
     for key in sorted(set(saved) & set(now)):
         if saved[key] != now[key]:
-            return (f"config.{key} is {saved[key]!r} in the checkpoint but {now[key]!r} now (a resumed run keeps "
-                    f"the training config it started with: set it back to {saved[key]!r} to resume)")
+            return key, saved[key], now[key]
     return None
+
+
+def describe_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
+    """`first_change` of a checkpoint's fingerprint and the config now, in words (None when they agree)."""
+    change = first_change(saved, now)
+    if change is None:
+        return None
+    key, was, is_now = change
+    return (f"config.{key} is {was!r} in the checkpoint but {is_now!r} now (a resumed run keeps "
+            f"the training config it started with: set it back to {was!r} to resume)")
 
 
 def _check(condition: bool, message: str) -> None:

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from fgpair_jax import (checkpointing, distributed, evaluate, features, numerics, parallel, preemption, preflight,
-                        run, run_config, viz)
+from fgpair_jax import (checkpointing, distributed, evaluate, features, methods, numerics, parallel, preemption,
+                        preflight, run, run_config, viz)
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import nuisance, pipeline, sources as data_sources
 from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
@@ -148,7 +148,9 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
     latest = checkpointer.latest_step()
     nonfinite = numerics.NonfiniteMonitor(config.on_nonfinite, "no checkpoint yet" if latest is None else
                                           f"latest checkpoint: step {latest} in {checkpointer.directory}")
-    announce(f"Training {config.method} / {config.model.name} at {config.data.image_size} px: "
+    arm, overrides = methods.arm_of(config)
+    named = "" if arm == config.method else f" ({arm}: {', '.join(f'{k}={v}' for k, v in overrides.items())})"
+    announce(f"Training {config.method}{named} / {config.model.name} at {config.data.image_size} px: "
              f"{info.split_sizes['train']} train images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
              f"global batch {config.global_batch_size} on {mesh.devices.size} device(s)"
              + "".join(f", {name} {size}" for name, size in run_plan.method_sizes.items()) + ".")

@@ -4,11 +4,12 @@
 # JAX_COORDINATOR_ADDRESS=127.0.0.1:<a free port>, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i
 # (fgpair_jax/distributed.py), and by default runs on the CPU with DEVICES_PER_PROCESS fake devices.
 #
-#   launch/local.sh 2 --config=configs/cub.py:tiny --workdir=workdirs/mp     # python -m fgpair_jax.main ...
-#   launch/local.sh 2 python -m fgpair_jax.evaluate --workdir=workdirs/mp    # any other command
+#   launch/local.sh 2 --config=configs/cub.py:tiny --workdir=workdirs/mp     # $PYTHON -m fgpair_jax.main ...
+#   launch/local.sh 2 .venv/bin/python -m fgpair_jax.evaluate --workdir=workdirs/mp    # any other command
 #   DEVICES_PER_PROCESS=2 LOG_DIR=logs launch/local.sh 2 --config=...        # 2 x 2 devices, a log per process
 #
-# Environment: PYTHON (default: python), DEVICES_PER_PROCESS (default 1; fake CPU devices per process),
+# Environment: PYTHON (default: the repository's .venv/bin/python when it exists, else python3; said on
+# stderr when local.sh starts fgpair_jax.main itself), DEVICES_PER_PROCESS (default 1; fake CPU devices per process),
 # JAX_PLATFORMS (default: cpu), PORT (default: a free one), LOG_DIR (default: none, output prefixed
 # with "[i] " on this terminal; else LOG_DIR/process_<i>.log and LOG_DIR/process_<i>.pid).
 # SIGTERM or Ctrl-C to this script is passed to every process (a preemption: they save and stop at one
@@ -20,9 +21,13 @@ if [ $# -lt 2 ] || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
 fi
 NUM_PROCESSES=$1
 shift
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+  REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+fi
 if [[ $1 == --* ]]; then
   set -- "$PYTHON" -m fgpair_jax.main "$@"
+  echo "local.sh: $NUM_PROCESSES process(es) of $PYTHON -m fgpair_jax.main" >&2
 fi
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$NUM_PROCESSES

@@ -1,17 +1,33 @@
 """The comparison-table runner: arm configs, resumable records, intervals, paired gains, the report."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO
 from configs import cub
-from fgpair_jax import experiments
+from fgpair_jax import experiments, methods, run_config
+from fgpair_jax.errors import ConfigError
 from fgpair_jax.evaluation import HEADLINE_METRICS
 
 
-def record(arm, seed, value):
-    return {"arm": arm, "seed": seed, "metrics": {m: value for m in HEADLINE_METRICS}}
+def record(arm, seed, value, base=None, **overrides):
+    """A finished run's record; given a base config, with the config `arm_config` gives it (plus overrides)."""
+    entry = {"arm": arm, "seed": seed, "metrics": {m: value for m in HEADLINE_METRICS}}
+    if base is not None:
+        config = run_config.override(experiments.arm_config(base, arm, seed), overrides)
+        entry["config"] = json.loads(config.to_json_best_effort())
+    return entry
+
+
+def write_records(results, records):
+    os.makedirs(os.path.join(results, "runs"), exist_ok=True)
+    for r in records:
+        with open(os.path.join(results, "runs", f"{r['arm']}_seed{r['seed']}.json"), "w") as f:
+            json.dump(r, f)
 
 
 def test_arms_change_only_method_criterion_and_seed():
@@ -74,13 +90,11 @@ def test_gain_over_moco_is_paired_by_seed():
 
 
 def test_finished_runs_are_not_run_again_and_the_report_is_written(tmp_path):
-    results = str(tmp_path / "results")
-    os.makedirs(os.path.join(results, "runs"))
-    for arm, seed, value in (("moco", 0, 40.0), ("moco", 1, 42.0), ("fgpair", 0, 41.0), ("fgpair", 1, 45.0)):
-        with open(os.path.join(results, "runs", f"{arm}_seed{seed}.json"), "w") as f:
-            json.dump(record(arm, seed, value), f)
-    # Finished: returns the stored record without importing or running any training.
-    again = experiments.run_one(cub.get_config("quick"), "fgpair", 1, str(tmp_path / "root"), results)
+    results, quick = str(tmp_path / "results"), cub.get_config("quick")
+    write_records(results, [record(arm, seed, value, quick) for arm, seed, value in (
+        ("moco", 0, 40.0), ("moco", 1, 42.0), ("fgpair", 0, 41.0), ("fgpair", 1, 45.0))])
+    # Finished under the same config: returns the stored record without importing or running any training.
+    again = experiments.run_one(quick, "fgpair", 1, str(tmp_path / "root"), results)
     assert again["metrics"]["linear_top1"] == 45.0 and not os.path.exists(tmp_path / "root")
     summary = experiments.write_report(results)
     assert summary["fgpair"]["gain_over_moco"]["retrieval_rank1"][0] == pytest.approx(2.0)
@@ -150,3 +164,81 @@ def test_a_results_folder_of_another_data_set_is_refused_before_any_training(tmp
     message = str(excinfo.value)
     assert "\n" not in message and "moco seed 0 ran on cub (CUB_200_2011)" in message and "cars (cars)" in message
     assert "its own --results" in message
+
+
+def test_a_finished_run_of_another_training_config_is_refused_in_one_line_naming_the_key(tmp_path):
+    """The issue: a `tiny` experiment given the quick table's --results got the quick numbers back."""
+    results, tiny = str(tmp_path), cub.get_config("tiny")
+    write_records(results, [record("moco", 0, 40.0, tiny, num_epochs=2),
+                            record("fgpair", 0, 41.0, tiny, **{"eval.knn_k": 5, "data.manual_dir": "/elsewhere"}),
+                            record("lcr", 0, 42.0)])  # no config recorded
+    with pytest.raises(ConfigError) as excinfo:
+        experiments.run_one(tiny, "moco", 0, str(tmp_path / "root"), results)
+    message = str(excinfo.value)
+    assert "\n" not in message and "moco_seed0.json was trained with config.num_epochs=2" in message
+    assert "asks for config.num_epochs=1" in message and "another --results folder" in message
+    assert "delete that file to retrain" in message
+    with pytest.raises(ConfigError, match="lcr_seed0.json records no config"):
+        experiments.finished_record(tiny, "lcr", 0, results)
+    # Evaluation knobs and data paths do not define training (`run_config.MAY_CHANGE_ON_RESUME`): reused.
+    assert experiments.finished_record(tiny, "fgpair", 0, results)["metrics"]["linear_top1"] == 41.0
+    assert experiments.finished_record(tiny, "fgpair", 1, results) is None  # not finished
+    assert not os.path.exists(tmp_path / "root")
+
+
+def test_a_record_predating_a_key_compares_it_at_the_value_runs_had_before_it(tmp_path):
+    tiny = cub.get_config("tiny")
+    old = record("moco", 0, 40.0, tiny)
+    del old["config"]["fgpair"]["base"]  # written before issue 24: fgpair had only MoCo under it
+    write_records(str(tmp_path), [old])
+    assert experiments.finished_record(tiny, "moco", 0, str(tmp_path)) is not None
+    with pytest.raises(ConfigError, match="config.fgpair.base='moco', but this experiment asks for "
+                                          "config.fgpair.base='simsiam'"):
+        experiments.finished_record(run_config.override(tiny, {"fgpair.base": "simsiam"}), "moco", 0, str(tmp_path))
+
+
+def test_the_table_holds_the_requested_arms_and_seeds_and_says_why_no_gain_column(tmp_path):
+    write_records(str(tmp_path), [record("moco", 0, 40.0), record("moco", 1, 44.0), record("fgpair", 0, 41.0),
+                                  record("fgpair", 1, 47.0), record("lcr", 0, 30.0)])
+    summary = experiments.write_report(str(tmp_path), arms=["moco", "fgpair"], seeds=[0])
+    assert list(summary) == ["moco", "fgpair"] and summary["fgpair"]["seeds"] == [0]
+    assert summary["fgpair"]["gain_over_moco"]["linear_top1"][0] == pytest.approx(1.0)
+    summary = experiments.write_report(str(tmp_path), arms=["lcr", "fgpair"], seeds=None)
+    table = open(tmp_path / "table.md").read()
+    assert list(summary) == ["lcr", "fgpair"] and "| fgpair | 2 | 44.00 ± " in table and "| moco |" not in table
+    assert "No gain over moco: moco is not among the tabulated arms (add it to --arms)." in table
+    assert set(experiments.write_report(str(tmp_path))) == {"moco", "lcr", "fgpair"}  # None: the whole folder
+
+
+def test_the_runner_reuses_same_config_runs_tabulates_only_the_request_and_refuses_stale_ones_first(tmp_path):
+    """The command line, without any training: same-config runs are reused and said so, the table holds
+    the requested arms x seeds, and a stale record is refused before an unfinished run would train."""
+    tiny = cub.get_config("tiny")
+    reused, stale = str(tmp_path / "reused"), str(tmp_path / "stale")
+    write_records(reused, [record("moco", 0, 40.0, tiny), record("fgpair", 0, 41.0, tiny),
+                           record("lcr", 0, 42.0, tiny), record("moco", 1, 43.0, tiny)])
+    write_records(stale, [record("fgpair", 0, 41.0, tiny, **{"optim.learning_rate": 0.1})])  # moco_seed0 unfinished
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "fgpair_jax.experiments", "--config=configs/cub.py:tiny", "--arms=moco,fgpair",
+               "--seeds=0", f"--root={tmp_path / 'root'}"]
+    runs = [subprocess.Popen([*command, f"--results={results}"], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for results in (reused, stale)]
+    (out, err), (_, stale_err) = [run.communicate(timeout=300) for run in runs]
+    assert runs[0].returncode == 0, err[-3000:]
+    assert "moco_seed0: reused (same config)" in out and "fgpair_seed0: reused (same config)" in out
+    assert "===" not in out and f"Wrote table.md, plot.png, summary.json to {reused}/" in out
+    table = open(os.path.join(reused, "table.md")).read()
+    assert "| moco | 1 | 40.00 |" in table and "| fgpair | 1 | 41.00 |" in table and "lcr" not in table
+    assert runs[1].returncode == 2, stale_err[-3000:]
+    assert stale_err.startswith("error: ") and len(stale_err.strip().splitlines()) == 1
+    assert "fgpair_seed0.json was trained with config.optim.learning_rate=0.1" in stale_err
+    assert not os.path.exists(tmp_path / "root")  # nothing trained, not even the unfinished moco_seed0
+
+
+def test_a_runs_header_names_the_ablation_it_runs():
+    quick = cub.get_config("quick")
+    assert methods.arm_of(experiments.arm_config(quick, "variance", 0)) == ("variance", {"fgpair.criterion": "variance"})
+    assert methods.arm_of(experiments.arm_config(quick, "fgpair_simsiam", 0))[0] == "fgpair_simsiam"
+    assert methods.arm_of(experiments.arm_config(quick, "fgpair", 0))[0] == "fgpair"
+    assert methods.arm_of(experiments.arm_config(quick, "moco", 0)) == ("moco", {})
+

@@ -78,3 +78,26 @@ def test_local_sh_gives_each_process_its_place_and_stops_all_when_one_fails(tmp_
     lines = [open(tmp_path / "logs" / f"process_{i}.log").read().split() for i in range(3)]
     assert [words[:3] for words in lines] == [[str(i), "of", "3"] for i in range(3)]
     assert len({words[4] for words in lines}) == 1 and lines[0][4].startswith("127.0.0.1:")
+
+
+def test_local_sh_runs_the_repositorys_venv_python_else_python3_and_says_which(tmp_path):
+    """After the README's quick start (a .venv, never activated) `python` may be absent or lack the packages."""
+    repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    (repo / "launch").mkdir(parents=True)
+    (repo / "launch" / "local.sh").write_text(open(os.path.join(LAUNCH, "local.sh")).read())
+    (repo / "launch" / "local.sh").chmod(0o755)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    venv_python = fake_command(str(repo / ".venv" / "bin"), "python")
+    python3 = fake_command(str(bin_dir), "python3")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    env.update(PORT="1", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    command = [str(repo / "launch" / "local.sh"), "1", "--config=configs/cub.py:tiny"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert calls(venv_python) == [["-m", "fgpair_jax.main", "--config=configs/cub.py:tiny"]]
+    assert "local.sh: 1 process(es) of /" in result.stderr and "/.venv/bin/python -m fgpair_jax.main" in result.stderr
+    os.remove(venv_python)  # no venv: python3 from PATH, never a bare `python`
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and calls(python3) == [["-m", "fgpair_jax.main", "--config=configs/cub.py:tiny"]]
+    assert "of python3 -m fgpair_jax.main" in result.stderr

@@ -98,3 +98,22 @@ def experiment_arms() -> Dict[str, Dict[str, Any]]:
         arms.update({arm: {"method": name, **overrides} for arm, overrides in method.ABLATIONS.items()})
     arms["init"] = {"method": BASELINE, "num_epochs": 0}
     return arms
+
+
+def arm_of(config) -> Tuple[str, Dict[str, Any]]:
+    """(arm, its overrides less the method) of `experiment_arms` that `config` runs: the arm of
+    `config.method` whose overrides `config` has, the most specific one (`fgpair_simsiam` before
+    `fgpair`); (config.method, {}) when no arm of the method matches. For a run's header line."""
+    def value(dotted):
+        node = config
+        for key in dotted.split("."):
+            if key not in node:
+                return KeyError  # a key this config does not have: not this arm
+            node = node[key]
+        return node
+
+    matching = [(arm, {key: v for key, v in overrides.items() if key != "method"})
+                for arm, overrides in experiment_arms().items()
+                if overrides["method"] == config.method and all(value(k) == v for k, v in overrides.items())]
+    return max(matching, key=lambda match: len(match[1]), default=(config.method, {}))
+
