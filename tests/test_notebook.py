@@ -19,7 +19,7 @@ from fgpair_jax.data.synthetic import write_tiny
 from fgpair_jax.evaluation import HEADLINE_METRICS
 
 NOTEBOOK = os.path.join(REPO, "notebooks", "fgpair_colab.ipynb")
-CELL_TIMEOUT_S = 900  # a loaded 2-core CPU; the whole run takes about a minute when idle
+CELL_TIMEOUT_S = 900  # per cell, for a loaded 2-core CPU (the whole run: 1-2.5 CPU-minutes, warm or cold cache)
 
 
 def read_notebook():
