@@ -39,9 +39,11 @@ setup(
         # - torch and the EfficientNet-Lite port: the slow references the converted models are checked
         #   against (test_pretrained.py). Pinned: an unpinned torch resolves to a multi-GB CUDA build.
         # - safetensors: the reference .safetensors reader/writer that safetensors_io.py (which needs no
-        #   package) is checked against in tests/test_checkpoint_formats.py.
+        #   package) is checked against in tests/test_checkpoint_formats.py;
+        # - nbformat, nbclient, ipykernel: tests/test_notebook.py reads the Colab notebook and runs every cell
+        #   in a Jupyter kernel (Colab has all three already).
         "dev": ["pytest>=8", "pytest-xdist>=3", "filelock>=3", "torch==2.13.0", "efficientnet-lite-pytorch==0.1.0",
-                "safetensors>=0.4"],
+                "safetensors>=0.4", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
         # To look at <workdir>/tensorboard (written by tensorboardX without TensorFlow): tensorboard --logdir.
         "tensorboard": ["tensorboard>=2.16"],
     },
