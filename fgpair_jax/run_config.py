@@ -21,7 +21,7 @@ from fgpair_jax import numerics
 from fgpair_jax.data import aircraft, images, nuisance, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
-from fgpair_jax.methods import BASELINE, get_method
+from fgpair_jax.methods import BASELINE, METHODS, config_sections, get_method
 from fgpair_jax.models import check_init, compute_dtype, frozen_modules
 from fgpair_jax.models.efficientnet_lite import DEPTHWISE_IMPLS
 
@@ -170,9 +170,13 @@ def load(workdir: str) -> ml_collections.ConfigDict:
 
 
 def training_fingerprint(config) -> Dict[str, Any]:
-    """{"a.b": value} of every key that defines what a run trains (all but `MAY_CHANGE_ON_RESUME`)."""
-    return {key: value for key, value in flatten(config).items()
-            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME)}
+    """{"a.b": value} of every key that defines what a run trains: all but `MAY_CHANGE_ON_RESUME` and the
+    sections of methods the run does not use (`methods.config_sections`: a moco run ignores `lcr.*`)."""
+    flat = flatten(config)
+    unused = set(METHODS) - config_sections(flat)
+    return {key: value for key, value in flat.items()
+            if key.split(".", 1)[0] not in unused
+            and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME)}
 
 
 def first_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[Tuple[str, Any, Any]]:

@@ -188,13 +188,26 @@ def test_a_finished_run_of_another_training_config_is_refused_in_one_line_naming
 
 def test_a_record_predating_a_key_compares_it_at_the_value_runs_had_before_it(tmp_path):
     tiny = cub.get_config("tiny")
-    old = record("moco", 0, 40.0, tiny)
+    old = record("fgpair", 0, 40.0, tiny)
     del old["config"]["fgpair"]["base"]  # written before issue 24: fgpair had only MoCo under it
     write_records(str(tmp_path), [old])
-    assert experiments.finished_record(tiny, "moco", 0, str(tmp_path)) is not None
+    assert experiments.finished_record(tiny, "fgpair", 0, str(tmp_path)) is not None
     with pytest.raises(ConfigError, match="config.fgpair.base='moco', but this experiment asks for "
                                           "config.fgpair.base='simsiam'"):
-        experiments.finished_record(run_config.override(tiny, {"fgpair.base": "simsiam"}), "moco", 0, str(tmp_path))
+        experiments.finished_record(run_config.override(tiny, {"fgpair.base": "simsiam"}), "fgpair", 0, str(tmp_path))
+
+
+def test_a_run_is_compared_on_its_own_methods_knobs_only(tmp_path):
+    """A moco run does not read `lcr.*` or `fgpair.*`: a change there reuses it; lcr (built on moco) reads both."""
+    tiny = cub.get_config("tiny")
+    changed = {"lcr.attention_channels": 0, "fgpair.sigma": 9.0}
+    write_records(str(tmp_path), [record("moco", 0, 40.0, tiny, **changed), record("lcr", 0, 41.0, tiny, **changed),
+                                  record("lcr", 1, 42.0, tiny)])
+    assert experiments.finished_record(tiny, "moco", 0, str(tmp_path))["metrics"]["linear_top1"] == 40.0
+    with pytest.raises(ConfigError, match="config.lcr.attention_channels=0"):
+        experiments.finished_record(tiny, "lcr", 0, str(tmp_path))
+    with pytest.raises(ConfigError, match="config.moco.temperature"):
+        experiments.finished_record(run_config.override(tiny, {"moco.temperature": 0.5}), "lcr", 1, str(tmp_path))
 
 
 def test_the_table_holds_the_requested_arms_and_seeds_and_says_why_no_gain_column(tmp_path):

@@ -60,6 +60,10 @@ class Method(Protocol):
         that synthesizes pairs adds 'pair_a' / 'pair_b' [B, S, S, 3] (normalised), 'pair_titles' (two
         strings: what each image is) and 'diagnostics' ({name: float}, written to diagnostics.json)."""
 
+    def config_sections(self, flat: Dict[str, Any]) -> set:
+        """The config sections named after methods that this method reads ({'moco'} for moco, {'lcr', 'moco'}
+        for lcr), of a `run_config.flatten`ed config: the rest do not define what it trains."""
+
     def validate(self, config) -> None:
         """Raise `ConfigError` (one line naming the key) for a value of this method's knobs out of range."""
 
@@ -81,6 +85,16 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"Unknown config.method={name!r}; choose one of {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def config_sections(flat: Dict[str, Any]) -> set:
+    """The config sections (named after the methods: `moco`, `lcr`, ...) that the method of `flat` (a
+    `run_config.flatten`ed config) reads: its own and those of the methods it is built on (lcr: moco;
+    fgpair: its `fgpair.base`). Every section when the method is unknown (an old or foreign record).
+    `run_config.training_fingerprint` leaves the other methods' sections out: a moco run does not
+    depend on `lcr.*`."""
+    method = METHODS.get(flat.get("method"))
+    return set(METHODS) if method is None else method.config_sections(flat)
 
 
 def checkpoint_branches() -> Dict[str, Mapping[str, Mapping[str, str]]]:

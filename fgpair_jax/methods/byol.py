@@ -29,6 +29,11 @@ from fgpair_jax.models.heads import BottleneckPredictor
 
 ABLATIONS = {}
 CHECKPOINT_BRANCHES = {}  # imported checkpoints load the encoder only (checkpoint_import.py)
+
+
+def config_sections(flat: dict) -> set:
+    """The config sections this method reads (`methods.config_sections`)."""
+    return {"byol"}
 TARGET_SUBTREES = ("encoder", "projector")  # params subtrees with a target (EMA) copy: no predictor
 eval_features = moco.eval_features  # the online encoder's pooled vector, running BN statistics
 preflight_warnings = moco.preflight_warnings

@@ -40,6 +40,12 @@ BASES = {"moco": moco, "simsiam": simsiam, "byol": byol}  # fgpair.base -> the S
 CHECKPOINT_BRANCHES = moco.CHECKPOINT_BRANCHES  # the paper releases no checkpoint of its own
 eval_features = moco.eval_features  # the pooled vector of the encoder with running BN statistics (every base)
 preflight_warnings = moco.preflight_warnings  # Grad-CAM's channel weights are defined on any map, 1x1 included
+
+
+def config_sections(flat: dict) -> set:
+    """The config sections this method reads (`methods.config_sections`): its own and its base's."""
+    base = BASES.get(flat.get("fgpair.base", "moco"), moco)
+    return {"fgpair"} | base.config_sections(flat)
 # Experiment arms: the method itself and the ablations of which dimensions are perturbed.
 ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
              "fgpair_residual": {"fgpair.criterion": "both", "fgpair.pair_mode": "residual"},

@@ -71,6 +71,11 @@ from_legacy_fields = moco.from_legacy_fields
 # `encoder_q`: they load into params/batch_stats['attention'] (`checkpoint_import.py`), so an LCR checkpoint
 # is evaluated with its own attention-pooled feature. conv16_2/bn16_2, qmax/kmax and queue_max are unused.
 CHECKPOINT_BRANCHES = {"attention": {"conv16": "conv", "bn16": "bn"}}
+
+
+def config_sections(flat: dict) -> set:
+    """The config sections this method reads (`methods.config_sections`): its own and MoCo's (its base)."""
+    return {"lcr", "moco"}
 optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
 EVAL_MINMAX = ("batch", "image")

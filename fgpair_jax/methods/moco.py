@@ -26,6 +26,11 @@ HEADS = ("mlp", "linear")
 # Method branches a checkpoint of another project may hold beside the encoder: none (MoCo's own projection
 # head is not imported: its linear evaluation drops it, main_lincls.py).
 CHECKPOINT_BRANCHES = {}
+
+
+def config_sections(flat: dict) -> set:
+    """The config sections this method reads (`methods.config_sections`)."""
+    return {"moco"}
 # MoCo v2 is the baseline; `mocov1` is MoCo v1 (He et al. 2020; facebookresearch/moco main_moco.py without
 # --mlp --moco-t 0.2 --aug-plus): a linear head, tau 0.07, and v1's augmentation (ColorJitter(0.4, 0.4, 0.4,
 # 0.4) always applied, grayscale 0.2, no blur). The schedule stays the run's (v2 adds --cos): the arm

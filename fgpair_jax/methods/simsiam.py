@@ -42,6 +42,11 @@ from fgpair_jax.models.heads import BottleneckPredictor, SimSiamProjector
 
 ABLATIONS = {}
 CHECKPOINT_BRANCHES = {}  # imported checkpoints load the encoder only (checkpoint_import.py)
+
+
+def config_sections(flat: dict) -> set:
+    """The config sections this method reads (`methods.config_sections`)."""
+    return {"simsiam"}
 eval_features = moco.eval_features  # the pooled vector of the encoder with its running BN statistics
 preflight_warnings = moco.preflight_warnings  # the loss uses the pooled vector only
 
