@@ -13,7 +13,8 @@ process that built the cache owns the block and removes it when the cache is gar
 the block needs that much free room in /dev/shm, checked before it is made (a container's /dev/shm is
 often 64 MB: then lower the budget or enlarge /dev/shm, e.g. `docker run --shm-size=8g`).
 
-The cache changes no pixel: a cached record is the source's record, image included, byte for byte.
+The cache changes no pixel: a cached record is the source's record, image included, byte for byte (an
+`EncodedImage` of `config.data.reduced_decode` is decoded in full, so that option has nothing left to do).
 """
 
 from __future__ import annotations

@@ -13,6 +13,14 @@ Multi-host: global batch g holds the shuffled positions [g*B, (g+1)*B); process 
 positions [g*B + p*b, g*B + (p+1)*b) with b = B // process_count, so the process-local batches laid side by
 side (e.g. by jax.make_array_from_process_local_data) are exactly the single-process global batch.
 
+Host cost per image (issue 27; measured per core by benchmarks/pipeline_throughput.py, results/README.md):
+reading and decoding the JPEG, then two crop-resizes. Options, each a `config.data` knob: `view_resize=
+"opencv"` (the resizes, the largest part at 224 px, in OpenCV: `resize.py`), `reduced_decode` (JPEGs decoded
+at 1/2-1/8 size when both crops allow: `jpeg.py`), `stored_short_side` (a build of smaller copies:
+`images.py`), `cache_gib` (the train split decoded once into shared memory: `decoded_cache.py`), and
+`worker_count=-1` (the default: one grain worker process per core on a GPU/TPU, none on a CPU). None
+changes a draw; the pixels differ by resampling only (tests/test_host_pipeline_options.py).
+
 Resuming therefore needs no iterator state: `train_dataset(..., start_step=step)` starts at the restored
 step, under any `data.worker_count` and process count. (grain's own iterator state differs per worker count:
 restored under another one it fails.) Each checkpoint records the position, `train_position(step)`.
