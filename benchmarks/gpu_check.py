@@ -28,8 +28,9 @@ with `model.dtype=bfloat16`, at global batch 128 and 256 (`--batch_sizes`):
   - memory: the compiled program's `memory_analysis()` (bytes) and the device's
     `memory_stats()['peak_bytes_in_use']` after the timed steps (a process-wide running maximum, so it
     grows monotonically through the list; null on CPU, which keeps no such statistic);
-then the host input pipeline's images/s at 224 px with one grain worker per host core on the CUB
-subset, and a short real training run of the paper config (`fgpair`, ResNet-50, bf16, `--train_epochs`
+then the host input pipeline at 224 px on the CUB subset (`pipeline_section`: img/s with one grain worker
+per host core, and one core's img/s of the default and of the fast pipeline, from which each step record's
+`host_cores_needed`), and a short real training run of the paper config (`fgpair`, ResNet-50, bf16, `--train_epochs`
 epochs; `fgpair_jax.train.train_and_evaluate`) whose `metrics.jsonl` says whether the contrastive loss
 fell and whether any step was non-finite.
 
@@ -70,7 +71,8 @@ from PIL import Image
 from fgpair_jax import parallel, run, run_config, state as state_lib, step as step_lib, train
 from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.metrics_writer import read_jsonl
-from fgpair_jax.data import pipeline, sources as data_sources, synthetic
+from fgpair_jax.data import decoded_cache, pipeline, sources as data_sources, synthetic
+from fgpair_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cub.py", "Base config (the paper protocol).",
                                           lock_config=False)
@@ -136,6 +138,7 @@ SMOKE_OVERRIDES = {
 # analysis and buffer assignment work on the optimised HLO, before LLVM: the tiny steps' FLOPs and
 # memory analysis came out identical with and without it. Set before the backend starts.
 FAST_CPU_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+FAST_PIPELINE_CACHE_GIB = 16.0  # the fast pipeline's decoded-image budget (the CUB subset takes 0.46 GiB)
 SMOKE_BATCH_SIZES = (8,)  # one size: each tiny step compile costs 15-35 s of CI's CPU
 # On an accelerator: bfloat16 compute, as README.md and launch/README.md tell users to run.
 ACCELERATOR_OVERRIDES = {"model.dtype": "bfloat16"}
@@ -290,12 +293,13 @@ def prepare_data(config, workroot: str, smoke: bool):
     return config, sources, info, described
 
 
-def measure_pipeline(source, *, batch_size: int, image_size: int, workers: int, steps: int) -> dict:
+def measure_pipeline(source, *, batch_size: int, image_size: int, workers: int, steps: int,
+                     resize_with: str = "pil") -> dict:
     """Images/s of the training pipeline (decode + two random-resized-crop/flip uint8 views per image) with
     `workers` grain worker processes, over `steps` batches after every worker delivered one (start-up
     excluded and reported)."""
     dataset = pipeline.train_dataset(source, global_batch_size=batch_size, image_size=image_size, seed=0,
-                                     worker_count=workers)
+                                     worker_count=workers, resize_with=resize_with)
     iterator = iter(dataset)
     start = time.perf_counter()
     for _ in range(max(2, workers + 1)):
@@ -309,8 +313,61 @@ def measure_pipeline(source, *, batch_size: int, image_size: int, workers: int, 
     if hasattr(iterator, "close"):
         iterator.close()
     return {"images_per_second": steps * batch_size / seconds, "image_size": image_size, "batch_size": batch_size,
-            "worker_count": workers, "timed_batches": steps, "seconds": seconds,
+            "worker_count": workers, "view_resize": resize_with, "timed_batches": steps, "seconds": seconds,
             "warmup_seconds": warmup_seconds, "load_average_at_end": os.getloadavg()[0]}
+
+
+def measure_pipeline_per_core(source, *, batch_size: int, image_size: int, steps: int, resize_with: str) -> dict:
+    """One core's images/s of the training pipeline: no worker process and one read thread, so this
+    process's CPU seconds are the pipeline's (`images_per_cpu_second`; wall clock would count what other
+    threads of the check do). The rate to divide a step's img/s by for the host cores it needs."""
+    iterator = iter(pipeline.train_dataset(source, global_batch_size=batch_size, image_size=image_size, seed=0,
+                                           worker_count=0, read_threads=1, resize_with=resize_with))
+    next(iterator)
+    cpu_start = time.process_time()
+    for _ in range(steps):
+        next(iterator)
+    cpu_seconds = time.process_time() - cpu_start
+    return {"images_per_cpu_second": steps * batch_size / cpu_seconds, "view_resize": resize_with,
+            "timed_images": steps * batch_size}
+
+
+def pipeline_section(config, sources, smoke: bool) -> dict:
+    """The host input pipeline at 224 px on the check's data (issue 27).
+
+    - top level: img/s with one grain worker per host core (the default on an accelerator: `data.worker_count
+      = -1`) of the default pipeline (TFDS decode, PIL views);
+    - `per_core`: one core's img/s of that pipeline (`default`) and of the fast one (`fast`: the train split
+      decoded once into shared memory, `data.cache_gib`, and OpenCV views, `data.view_resize=opencv`);
+    - `all_cores_fast`: the fast pipeline's img/s with one worker per core;
+    `host_cores_needed` (each step record) divides the step's img/s by the per-core rates. On a lent 16-core
+    GPU host: 16 workers for both all-core rates; this machine's per-core rates are in results/README.md
+    (input pipeline).
+    """
+    workers = os.cpu_count()
+    batch, steps = config.global_batch_size, max(8, 2 * workers)
+    section = measure_pipeline(sources["train"], batch_size=batch, image_size=224, workers=workers, steps=steps)
+    per_core_steps = 2 if smoke else 6
+    section["per_core"] = {"default": measure_pipeline_per_core(sources["train"], batch_size=batch, image_size=224,
+                                                                steps=per_core_steps, resize_with="pil")}
+    start = time.perf_counter()
+    try:  # a container's /dev/shm may be too small for the decoded split: recorded, not fatal
+        cached = decoded_cache.decoded_cache(sources["train"], FAST_PIPELINE_CACHE_GIB)
+    except ConfigError as error:
+        section["fast_skipped"] = str(error)
+        return section
+    section["decoded_cache"] = {"gib": cached.nbytes / decoded_cache.GIB, "fill_seconds": time.perf_counter() - start}
+    section["per_core"]["fast"] = measure_pipeline_per_core(cached, batch_size=batch, image_size=224,
+                                                            steps=per_core_steps, resize_with="opencv")
+    section["all_cores_fast"] = measure_pipeline(cached, batch_size=batch, image_size=224, workers=workers,
+                                                 steps=steps, resize_with="opencv")
+    return section
+
+
+def host_cores_needed(images_per_second: float, section: dict) -> dict:
+    """Host cores that feed `images_per_second` with each pipeline measured per core (`pipeline_section`)."""
+    return {name: images_per_second / rate["images_per_cpu_second"]
+            for name, rate in section.get("per_core", {}).items()}
 
 
 # ----------------------------------------------------------------------------- the step
@@ -558,10 +615,10 @@ def run_check(base, workroot: str, out: str, smoke: bool, report: dict) -> dict:
     write_json(out, report)
 
     say("input pipeline ...")
-    report["input_pipeline"] = measure_pipeline(
-        sources["train"], batch_size=config.global_batch_size, image_size=224, workers=os.cpu_count(),
-        steps=max(8, 2 * os.cpu_count()))
-    say(f"input pipeline: {report['input_pipeline']['images_per_second']:.0f} img/s at 224 px")
+    report["input_pipeline"] = pipeline_section(config, sources, smoke)
+    per_core = {name: f"{rate['images_per_cpu_second']:.0f}" for name, rate in report["input_pipeline"]["per_core"].items()}
+    say(f"input pipeline: {report['input_pipeline']['images_per_second']:.0f} img/s at 224 px on "
+        f"{os.cpu_count()} workers; per core {per_core} img/s")
     write_json(out, report)
 
     # The training run's config; the benchmarked steps are this config per (method, batch), so the batch
@@ -590,6 +647,7 @@ def run_check(base, workroot: str, out: str, smoke: bool, report: dict) -> dict:
             say(f"step: {method} at global batch {batch} ...")
             start = time.perf_counter()
             record = benchmark_step(derive(train_config, method=method, global_batch_size=batch), num_train, mesh, report)
+            record["host_cores_needed"] = host_cores_needed(record["images_per_second"], report["input_pipeline"])
             bench_wall[method] = record["wall_seconds"] = time.perf_counter() - start
             report["steps"].setdefault(method, {})[str(batch)] = record
             moco = report["steps"].get("moco", {}).get(str(batch), {})

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 from fgpair_jax import numerics
-from fgpair_jax.data import aircraft, images, nuisance, sources as data_sources, splits
+from fgpair_jax.data import aircraft, images, nuisance, resize, sources as data_sources, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import BASELINE, METHODS, config_sections, get_method
@@ -69,6 +69,11 @@ KEYS_ADDED_SINCE = {
     "byol.dim": 256,
     "byol.hidden_dim": 0,
     "model.init_prefix": "",  # before it, only plain state dicts (or under state_dict / model) loaded
+    # Issue 27: the host pipeline's options; runs before them resampled with PIL from images as stored.
+    "data.view_resize": "pil",
+    "data.stored_short_side": 0,
+    "data.reduced_decode": False,
+    "data.cache_gib": 0.0,
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an
@@ -76,6 +81,7 @@ KEYS_ADDED_SINCE = {
 # Every other key defines what trains and must stay as it was.
 MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
                         "data.manual_dir", "data.download", "data.data_dir", "data.eval_crop_fraction", "data.worker_count",
+                        "data.cache_gib",
                         "model.depthwise_impl",
                         "fgpair.log_gradient_share")
 
@@ -237,8 +243,12 @@ def validate(config) -> None:
     _check(config.data.image_size >= 16, f"config.data.image_size={config.data.image_size} must be >= 16 pixels.")
     for key in ("crop_scale_min", "eval_crop_fraction"):
         _check(0.0 < config.data[key] <= 1.0, f"config.data.{key}={config.data[key]} must lie in (0, 1].")
-    _check(config.data.worker_count >= 0, f"config.data.worker_count={config.data.worker_count} must be >= 0.")
+    _check(config.data.worker_count >= -1, f"config.data.worker_count={config.data.worker_count} must be >= 0, "
+           "or -1 for one per core on a GPU/TPU and none on a CPU.")
     images.check_max_image_pixels(config.data.max_image_pixels)
+    images.check_stored_short_side(config.data.stored_short_side, config.data.image_size)
+    resize.check_view_resize(config.data.view_resize)
+    _check(config.data.cache_gib >= 0, f"config.data.cache_gib={config.data.cache_gib} must be >= 0 (0: no cache).")
     aircraft.train_split(config.data)  # ConfigError for another value than trainval | train
     _check(not config.data.aircraft_remove_banner or config.data.name == "aircraft",
            f"config.data.aircraft_remove_banner=True is for FGVC-Aircraft's copyright banner, not "

@@ -43,6 +43,7 @@ def _host_batches(config, source, start_step: int = 0):
         crop_scale=(config.data.crop_scale_min, 1.0),
         start_step=start_step,
         nuisance=nuisance.Nuisance.of_config(config),
+        resize_with=config.data.view_resize,
     )
     return iter(dataset)
 

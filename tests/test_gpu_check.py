@@ -54,6 +54,10 @@ def test_smoke_check_then_paper_table(tmp_path):
     pipeline = report["input_pipeline"]
     assert pipeline["image_size"] == 224 and pipeline["worker_count"] == os.cpu_count()
     assert positive(pipeline["images_per_second"])
+    assert pipeline["all_cores_fast"]["worker_count"] == os.cpu_count()  # the decoded cache, shared with workers
+    assert positive(pipeline["all_cores_fast"]["images_per_second"])
+    for name in ("default", "fast"):
+        assert positive(pipeline["per_core"][name]["images_per_cpu_second"]), name
 
     steps = report["steps"]
     for method in ("moco", "fgpair"):
@@ -62,6 +66,7 @@ def test_smoke_check_then_paper_table(tmp_path):
                     "flops_per_image"):
             assert positive(record[key]), (method, key, record[key])
         assert record["all_timed_steps_finite"]
+        assert positive(record["host_cores_needed"]["default"]) and positive(record["host_cores_needed"]["fast"])
         assert positive(record["compiled_memory_bytes"]["total_bytes"])
         assert record["mfu"] is None and record["device_memory_after"]["peak_bytes_in_use"] is None
         loops = record["while_loops"]  # only RNG loops, which cost analysis may count once

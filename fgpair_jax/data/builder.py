@@ -13,9 +13,10 @@ Identity of a build (`build_key`): a SHA-256 over what it is built from: the dat
 record (file name, label, split, box) and every listed file's size and modification time (`os.stat`, not its
 bytes: cheap for 16k images). Images replaced in place, a changed copy of a folder built into the same data
 dir, another split or another subset are therefore builds of their own, never a stale reuse; the same folder
-moved (`mv` keeps the times) reuses its build, a plain copy (`cp` without `-p`) builds again. The build lives
-in `<data_dir>/fgpair_folder/<data set>_classes<C>_<key>[_max<N>px]/<version>/`; older builds of a changed
-folder stay beside it until removed by hand.
+moved (`mv` keeps the times) reuses its build, a plain copy (`cp` without `-p`) builds again. Smaller stored
+copies (`stored_short_side`: `images.stored_size`) are part of the key too. The build lives in
+`<data_dir>/fgpair_folder/<data set>_classes<C>_<key>[_max<N>px][_short<S>px]/<version>/`; older builds of a
+changed folder stay beside it until removed by hand.
 
 Skips: a listed file that cannot be stored is skipped and reported as what it is, one warning per split and
 reason (`images.SKIP_REASONS`), and recorded in the build's metadata. A split with no readable image at all
@@ -52,7 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
-from fgpair_jax.data import images, locks, records
+from fgpair_jax.data import images, jpeg, locks, records
 from fgpair_jax.data.images import MISSING, SKIP_REASONS, TOO_LARGE, UnreadableImage
 from fgpair_jax.data.records import SPLITS
 from fgpair_jax.errors import DataError, DataWriteError, UserError
@@ -85,11 +86,14 @@ def locate(index: records.DataIndex) -> Located:
     return Located(paths, other_case)
 
 
-def build_key(data_set: str, index: records.DataIndex, paths: Sequence[str | None]) -> str:
+def build_key(data_set: str, index: records.DataIndex, paths: Sequence[str | None], stored_short_side: int = 0) -> str:
     """Short content key of what a build is made from (see the module docstring): the records, the label
-    set and each listed file's (size, mtime_ns); a missing file counts as missing."""
+    set, each listed file's (size, mtime_ns) (a missing file counts as missing) and, when not 0, the
+    shorter side images are stored at."""
     digest = hashlib.sha256()
     digest.update(json.dumps([data_set, list(index.class_names), list(index.class_ids)]).encode())
+    if stored_short_side:  # 0 hashes as before it existed: earlier builds keep their key
+        digest.update(json.dumps(["stored_short_side", int(stored_short_side)]).encode())
     for record, path in zip(index.records, paths):
         stat = None
         if path is not None:
@@ -105,11 +109,13 @@ def build_key(data_set: str, index: records.DataIndex, paths: Sequence[str | Non
 class FolderBuildConfig(tfds.core.BuilderConfig):
     """A build of one data set's folder: its index, where its files are, its key, and the pixel limit it was
     built with (a raised `max_image_pixels` keeps images a default build skips, so it names a build of its
-    own: `<data set>_classes<C>_<key>_max<N>px`)."""
+    own: `<data set>_classes<C>_<key>_max<N>px`), and the shorter side it stores images at (0: as they are;
+    else `..._short<S>px`, with S in the key)."""
 
     def __init__(self, *, data_set: str, index: records.DataIndex, located: Located, key: str,
-                 max_image_pixels: int | None = None):
+                 max_image_pixels: int | None = None, stored_short_side: int = 0):
         limit = "" if max_image_pixels is None else f"_max{max_image_pixels}px"
+        limit += f"_short{stored_short_side}px" if stored_short_side else ""
         num_classes = len(index.class_names)
         super().__init__(
             name=f"{data_set}_classes{num_classes}_{key}{limit}",
@@ -120,6 +126,7 @@ class FolderBuildConfig(tfds.core.BuilderConfig):
         self.located = located
         self.key = key
         self.max_image_pixels = max_image_pixels
+        self.stored_short_side = stored_short_side
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -175,7 +182,7 @@ class FolderBuild(tfds.core.GeneratorBasedBuilder):
         the key was computed, each split's images on disk (at least one), the room to store them."""
         config = self.builder_config
         index, located = config.index, config.located
-        key = build_key(config.data_set, index, located.paths)
+        key = build_key(config.data_set, index, located.paths, config.stored_short_side)
         if key != config.key:
             raise DataError(
                 f"{index.data_set} {index.manual_dir!r}: its files changed while the build was starting (key "
@@ -205,7 +212,7 @@ class FolderBuild(tfds.core.GeneratorBasedBuilder):
             try:
                 if path is None:
                     raise UnreadableImage(MISSING)
-                stored = images.load_rgb_jpeg(path, config.max_image_pixels)
+                stored = images.load_rgb_jpeg(path, config.max_image_pixels, config.stored_short_side)
             except UnreadableImage as problem:
                 skipped.append((record.file_name, problem.reason))
                 continue
@@ -314,14 +321,15 @@ def _size(num_bytes: int) -> str:
 
 
 def build_config(data_set: records.DataSet, manual_dir: str, *, max_image_pixels: int | None = None,
-                 data_config=None) -> FolderBuildConfig:
+                 data_config=None, stored_short_side: int = 0) -> FolderBuildConfig:
     """The build `manual_dir` makes now (its `.name` is the build's folder under `<data_dir>/fgpair_folder/`):
     the reader's index, where its files are, and their key. Raises what the reader raises."""
     max_image_pixels = images.check_max_image_pixels(max_image_pixels)
     index = data_set.read_index(manual_dir, data_config)
     located = locate(index)
-    return FolderBuildConfig(data_set=data_set.name, index=index, located=located,
-                             key=build_key(data_set.name, index, located.paths), max_image_pixels=max_image_pixels)
+    key = build_key(data_set.name, index, located.paths, stored_short_side)
+    return FolderBuildConfig(data_set=data_set.name, index=index, located=located, key=key,
+                             max_image_pixels=max_image_pixels, stored_short_side=stored_short_side)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +351,7 @@ class SourceInfo:
 
 def load_sources(
     data_set: records.DataSet, manual_dir: str, data_dir: str, *, max_image_pixels: int | None = None,
-    data_config=None, check_index=None,
+    data_config=None, check_index=None, stored_short_side: int = 0, encoded_images: bool = False,
 ) -> tuple[dict[str, Sequence[dict]], SourceInfo]:
     """Builds the data set's folder into `data_dir` on first use (reused afterwards) and opens random-access
     sources.
@@ -354,12 +362,15 @@ def load_sources(
     reader. `check_index(index)`, when given, runs on the reader's `DataIndex` before anything is built (e.g.
     box crops asked of a folder without boxes: `sources.check_crops`). `max_image_pixels`: images with more pixels are skipped as "too large"; None means Pillow's
     decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million). A raised limit is a build
-    of its own.
+    of its own, and so is each `stored_short_side` (0: images stored as they are; else each image's shorter
+    side at most that many pixels, `images.stored_size`). `encoded_images`: each record's image is a
+    `jpeg.EncodedImage` (decoded when used, at reduced size where the crops allow) instead of pixels.
 
     Raises: the reader's `DataError`/`MissingFileError` for a folder it cannot read, `DataError` for a split
     with nothing readable, `DataWriteError` when the storage refuses the build.
     """
-    config = build_config(data_set, manual_dir, max_image_pixels=max_image_pixels, data_config=data_config)
+    config = build_config(data_set, manual_dir, max_image_pixels=max_image_pixels, data_config=data_config,
+                          stored_short_side=stored_short_side)
     index = config.index
     if check_index is not None:
         check_index(index)
@@ -397,6 +408,9 @@ def load_sources(
         has_boxes=index.has_boxes,
         built_now=built_now,
     )
+    if encoded_images:
+        skip = {"image": tfds.decode.SkipDecoding()}
+        return {split: jpeg.EncodedRecords(builder.as_data_source(split, decoders=skip)) for split in SPLITS}, info_out
     return {split: builder.as_data_source(split) for split in SPLITS}, info_out
 
 

@@ -17,6 +17,11 @@ another letter case ('.JPG' on disk for '.jpg') stays missing; the build's warni
 Large images: readers decode with Pillow in fresh processes, which refuse more than 2 x
 `PIL.Image.MAX_IMAGE_PIXELS` and warn above it. An image accepted above `STORED_MAX_PIXELS` (possible once
 `max_image_pixels` is raised deliberately) is therefore stored downscaled to fit, and reported.
+
+Smaller stored copies (`config.data.stored_short_side`, a build option): each image whose shorter side is
+longer is stored resized to that shorter side (aspect kept; Lanczos, re-encoded as quality-95 JPEG; never
+enlarged). Decoding and cropping then cost the host less per image, at the price of the detail above that
+resolution: keep it at least 8/7 of the training size (256 for 224 px), as ImageNet pipelines do.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ class UnreadableImage(Exception):
 
 
 class StoredJpeg(typing.NamedTuple):
-    """What a build stores for one image: RGB JPEG `data`, whether it was `downscaled`, and `scale`, the
-    stored size over the original's (1.0 unless downscaled; boxes in original pixels are multiplied by it)."""
+    """What a build stores for one image: RGB JPEG `data`, whether it was `downscaled` to Pillow's pixel
+    limit, and `scale`, the stored size over the original's (1.0 unless downscaled or stored smaller:
+    boxes in original pixels are multiplied by it)."""
 
     data: bytes
     downscaled: bool
@@ -149,11 +155,12 @@ def _strict_pillow():
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
 
 
-def load_rgb_jpeg(path: str, max_image_pixels: int | None = None) -> StoredJpeg:
+def load_rgb_jpeg(path: str, max_image_pixels: int | None = None, short_side: int = 0) -> StoredJpeg:
     """The `StoredJpeg` to store for the image file at `path`.
 
-    The original bytes when already an RGB JPEG of at most STORED_MAX_PIXELS pixels; otherwise the fully
-    decoded image converted to RGB (and downscaled to STORED_MAX_PIXELS) and re-encoded. Raises
+    The original bytes when already an RGB JPEG of at most STORED_MAX_PIXELS pixels whose shorter side is at
+    most `short_side` (0: any); otherwise the fully decoded image converted to RGB (downscaled to
+    STORED_MAX_PIXELS, then to `short_side`: `stored_size`) and re-encoded. Raises
     `UnreadableImage` with reason MISSING (no file), TOO_LARGE (more than `pixel_limit(max_image_pixels)`
     pixels; checked from the header, before decoding) or UNDECODABLE (anything Pillow cannot fully decode).
     Pillow's own check is off meanwhile: this one applies its criterion (pixels > 2 x MAX_IMAGE_PIXELS, its
@@ -173,15 +180,30 @@ def load_rgb_jpeg(path: str, max_image_pixels: int | None = None) -> StoredJpeg:
                 if limit is not None and image.width * image.height > limit:
                     raise UnreadableImage(TOO_LARGE, f"{image.width}x{image.height} pixels, above {limit}")
                 image.load()  # A full decode: truncated files fail here, not mid-training.
-                return _stored_jpeg(raw, image)
+                return _stored_jpeg(raw, image, short_side)
         except (OSError, SyntaxError, ValueError) as error:
             raise UnreadableImage(UNDECODABLE, str(error) or type(error).__name__) from None
 
 
-def _stored_jpeg(raw: bytes, image: Image.Image) -> StoredJpeg:
-    """`raw` if it is an RGB JPEG readers can decode quietly, else `image` as one."""
+def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) of an image stored with its shorter side at most `short_side` pixels (0: as it is):
+    the shorter side becomes `short_side`, the longer one keeps the aspect (rounded, at least 1). Never
+    larger than the image."""
+    shorter = min(width, height)
+    if short_side <= 0 or shorter <= short_side:
+        return width, height
+    ratio = short_side / shorter
+    if width <= height:
+        return short_side, max(1, int(round(height * ratio)))
+    return max(1, int(round(width * ratio))), short_side
+
+
+def _stored_jpeg(raw: bytes, image: Image.Image, short_side: int = 0) -> StoredJpeg:
+    """`raw` if it is an RGB JPEG readers can decode quietly, at most `short_side` on its shorter side, else
+    `image` as one (downscaled to Pillow's limit, then to `short_side`)."""
     pixels = image.width * image.height
-    if image.format == "JPEG" and image.mode == "RGB" and pixels <= STORED_MAX_PIXELS:
+    smaller = stored_size(image.width, image.height, short_side) != (image.width, image.height)
+    if image.format == "JPEG" and image.mode == "RGB" and pixels <= STORED_MAX_PIXELS and not smaller:
         return StoredJpeg(raw, False, 1.0, image.width, image.height)
     rgb = image.convert("RGB")
     downscaled = pixels > STORED_MAX_PIXELS
@@ -190,9 +212,24 @@ def _stored_jpeg(raw: bytes, image: Image.Image) -> StoredJpeg:
         scale = (STORED_MAX_PIXELS / pixels) ** 0.5
         rgb = rgb.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
                          Image.Resampling.LANCZOS)
+    size = stored_size(rgb.width, rgb.height, short_side)
+    if size != rgb.size:
+        scale *= min(size) / min(rgb.size)
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=_REENCODE_JPEG_QUALITY)
     return StoredJpeg(buffer.getvalue(), downscaled, scale, rgb.width, rgb.height)
+
+
+def check_stored_short_side(short_side, image_size: int) -> int:
+    """`short_side` if it is 0 (images stored as they are) or an integer of at least `image_size` (the
+    training resolution), else a one-line `ConfigError`: smaller copies would enlarge every crop."""
+    is_integer = isinstance(short_side, int) and not isinstance(short_side, bool)
+    if is_integer and (short_side == 0 or short_side >= image_size):
+        return short_side
+    raise ConfigError(f"config.data.stored_short_side={short_side!r}: use 0 (images as they are) or a size of at "
+                      f"least config.data.image_size={image_size}, e.g. {int(round(image_size * 8 / 7))} "
+                      f"(ImageNet's 256 for 224).")
 
 
 def as_rgb_jpeg_bytes(path: str, max_image_pixels: int | None = None) -> bytes | None:

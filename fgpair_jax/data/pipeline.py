@@ -13,6 +13,14 @@ Multi-host: global batch g holds the shuffled positions [g*B, (g+1)*B); process 
 positions [g*B + p*b, g*B + (p+1)*b) with b = B // process_count, so the process-local batches laid side by
 side (e.g. by jax.make_array_from_process_local_data) are exactly the single-process global batch.
 
+Host cost per image (issue 27; measured per core by benchmarks/pipeline_throughput.py, results/README.md):
+reading and decoding the JPEG, then two crop-resizes. Options, each a `config.data` knob: `view_resize=
+"opencv"` (the resizes, the largest part at 224 px, in OpenCV: `resize.py`), `reduced_decode` (JPEGs decoded
+at 1/2-1/8 size when both crops allow: `jpeg.py`), `stored_short_side` (a build of smaller copies:
+`images.py`), `cache_gib` (the train split decoded once into shared memory: `decoded_cache.py`), and
+`worker_count=-1` (the default: one grain worker process per core on a GPU/TPU, none on a CPU). None
+changes a draw; the pixels differ by resampling only (tests/test_host_pipeline_options.py).
+
 Resuming therefore needs no iterator state: `train_dataset(..., start_step=step)` starts at the restored
 step, under any `data.worker_count` and process count. (grain's own iterator state differs per worker count:
 restored under another one it fails.) Each checkpoint records the position, `train_position(step)`.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -32,11 +41,11 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from fgpair_jax.data import nuisance as nuisance_lib
+from fgpair_jax.data import jpeg, nuisance as nuisance_lib, resize
 from fgpair_jax.errors import ConfigError
 
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before its centre-crop fallback.
-_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_RESAMPLING = resize.PIL_RESAMPLING
 
 
 # ---------------------------------------------------------------- per-image transforms (pure, numpy/PIL)
@@ -80,19 +89,6 @@ def sample_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def _resized_crop(
-    image: Image.Image,
-    rng: np.random.Generator,
-    size: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    interpolation: str,
-) -> Image.Image:
-    top, left, crop_height, crop_width = sample_crop_box(image.height, image.width, rng, scale, ratio)
-    box = (left, top, left + crop_width, top + crop_height)
-    return image.resize((size, size), _RESAMPLING[interpolation], box=box)  # One antialiased crop+resize.
-
-
 def random_resized_crop(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -103,35 +99,60 @@ def random_resized_crop(
 ) -> np.ndarray:
     """A random box (see sample_crop_box) of a uint8 [H,W,3] image, resized by PIL to uint8 [size,size,3]."""
     _check_rgb_uint8(image)
-    return np.asarray(_resized_crop(Image.fromarray(image), rng, size, scale, ratio, interpolation))
+    box = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    return np.asarray(resize.view_pil(Image.fromarray(image), box, size, False, interpolation))
 
 
 def two_views(
-    image: np.ndarray,
+    image: np.ndarray | jpeg.EncodedImage,
     rng: np.random.Generator,
     size: int,
     scale: tuple[float, float] = (0.2, 1.0),
     interpolation: str = "bilinear",
+    resize_with: str = "pil",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent MoCo-v2 geometric views: random resized crop, then a horizontal flip with p=0.5.
+    """Two independent MoCo-v2 geometric views of a uint8 [H,W,3] image: random resized crop, then a
+    horizontal flip with p=0.5; each view uint8 [size,size,3].
 
-    Works on PIL images until the end: PIL's flip is ~15x cheaper than a strided numpy copy.
+    The draws (box, flip, box, flip from `rng`, on the image's [H,W]) are the same whatever the image's
+    form and the resampling: `image` may be decoded pixels or a `jpeg.EncodedImage`, which is decoded at the
+    reduced size both boxes allow (`jpeg.reduction_for`; the boxes scaled to it). `resize_with`: "pil"
+    (torchvision's PIL path: antialiased bilinear or bicubic) or "opencv" (`resize.view_opencv`, several
+    times cheaper on the host; within a few grey levels of "pil").
     """
-    _check_rgb_uint8(image)
-    pil_image = Image.fromarray(image)
-    views = []
+    resize.check_view_resize(resize_with)
+    if not isinstance(image, jpeg.EncodedImage):
+        _check_rgb_uint8(image)
+    height, width = image.shape[:2]
+    boxes, flips = [], []
     for _ in range(2):
-        view = _resized_crop(pil_image, rng, size, scale, (3 / 4, 4 / 3), interpolation)
-        if rng.random() < 0.5:
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        views.append(np.asarray(view))
-    return views[0], views[1]
+        boxes.append(sample_crop_box(height, width, rng, scale, (3 / 4, 4 / 3)))
+        flips.append(bool(rng.random() < 0.5))
+    if isinstance(image, jpeg.EncodedImage):
+        image, region = image.decode_region(jpeg.reduction_for(boxes, size))
+        boxes = [_box_in_region(box, region, height, width) for box in boxes]
+    if resize_with == "opencv":
+        return tuple(resize.view_opencv(image, box, size, flip, interpolation) for box, flip in zip(boxes, flips))
+    pil_image = Image.fromarray(image)  # PIL's flip is ~15x cheaper than a strided numpy copy
+    return tuple(np.asarray(resize.view_pil(pil_image, box, size, flip, interpolation))
+                 for box, flip in zip(boxes, flips))
+
+
+def _box_in_region(box: tuple[int, int, int, int], region: tuple[float, float, float, float], height: int,
+                   width: int) -> tuple[float, float, float, float]:
+    """`box` (top, left, height, width) in an image of [height, width] pixels, in the pixels of a decoded
+    array where that image is `region` (top, left, height, width; scaled and offset)."""
+    scale_y, scale_x = region[2] / height, region[3] / width
+    return (region[0] + box[0] * scale_y, region[1] + box[1] * scale_x, box[2] * scale_y, box[3] * scale_x)
 
 
 def eval_transform(
     image: np.ndarray, size: int, crop_fraction: float = 0.875, interpolation: str = "bilinear"
 ) -> np.ndarray:
-    """Shorter side to round(size / crop_fraction), then a centre size x size crop (Resize(256)+CenterCrop(224))."""
+    """Shorter side to round(size / crop_fraction), then a centre size x size crop (Resize(256)+CenterCrop(224)).
+    `image`: uint8 [H,W,3], or a `jpeg.EncodedImage`, decoded in full (evaluation's pixels never depend on
+    `config.data.reduced_decode`)."""
+    image = np.asarray(image)
     _check_rgb_uint8(image)
     height, width = image.shape[:2]
     short_side = int(round(size / crop_fraction))
@@ -188,6 +209,7 @@ class _TwoViewExample:
     process_index: int
     process_count: int
     nuisance: nuisance_lib.Nuisance = nuisance_lib.Nuisance()
+    resize_with: str = "pil"
 
     def __call__(self, local_position: int) -> dict[str, Any]:
         position = global_position(local_position, self.local_batch, self.process_index, self.process_count)
@@ -195,7 +217,8 @@ class _TwoViewExample:
         record = int(self.record_order[epoch * len(self.source) + offset])
         rng = np.random.default_rng((self.seed, epoch, record))
         element = self.source[record]
-        view1, view2 = two_views(element["image"], rng, self.image_size, self.crop_scale)
+        view1, view2 = two_views(element["image"], rng, self.image_size, self.crop_scale,
+                                 resize_with=self.resize_with)
         view1, view2 = nuisance_lib.two_views(view1, view2, record, rng, self.nuisance)
         return {
             "view1": view1,
@@ -237,8 +260,23 @@ class _EvalExample:
         }
 
 
+def default_worker_count(backend: str | None = None) -> int:
+    """Grain worker processes for `config.data.worker_count = -1`: none on a CPU backend (`backend`, default
+    `jax.default_backend()`), where XLA's step already uses every core and workers only compete with it
+    (results/README.md, input pipeline); one per core this process may run on otherwise, since decoding and
+    cropping two 224-px views per image is host work a GPU or TPU step does not share."""
+    if backend is None:
+        import jax  # pylint: disable=import-outside-toplevel  # the host pipeline needs JAX for this alone
+
+        backend = jax.default_backend()
+    return 0 if backend == "cpu" else len(os.sched_getaffinity(0))
+
+
 def _to_iter_dataset(dataset: grain.MapDataset, read_threads: int, worker_count: int) -> grain.IterDataset:
-    """Threads prefetch whole batches (PIL releases the GIL); optional worker processes slice by batch."""
+    """Threads prefetch whole batches (PIL releases the GIL); optional worker processes slice by batch.
+    A negative `worker_count` means `default_worker_count()`."""
+    if worker_count < 0:
+        worker_count = default_worker_count()
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
     iterable = dataset.to_iter_dataset(options)
     if worker_count > 0:
@@ -276,13 +314,17 @@ def train_dataset(
     crop_scale: tuple[float, float] = (0.2, 1.0),
     start_step: int = 0,
     nuisance: nuisance_lib.Nuisance = nuisance_lib.Nuisance(),
+    resize_with: str = "pil",
 ) -> grain.IterDataset:
     """Shuffled two-view training batches for this process, from global batch `start_step` on.
 
     Yields {"view1", "view2": uint8 [b,S,S,3], "label", "index": int32 [b]} with b = global_batch_size //
     process_count; `index` is the record's position in `source`. num_epochs=None repeats forever.
     `nuisance`: the mechanism control's per-image nuisance on both views (`data/nuisance.py`; none by default).
+    `resize_with`: how the views are resampled, "pil" or "opencv" (`two_views`; `config.data.view_resize`).
+    `worker_count`: grain worker processes; -1 for `default_worker_count()`.
     """
+    resize.check_view_resize(resize_with)
     local_batch = local_batch_size(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, {process_count}); check the launcher")
@@ -302,6 +344,7 @@ def train_dataset(
         process_index=process_index,
         process_count=process_count,
         nuisance=nuisance,
+        resize_with=resize_with,
     )
     if not 0 <= start_step <= total_steps:
         raise ValueError(f"start_step {start_step} is outside [0, {total_steps}]")

@@ -6,7 +6,7 @@ Add a data set: one reader module (a `records.DataSet` with its `read_index`; se
 import logging
 import os
 
-from fgpair_jax.data import aircraft, archives, cars, crops, cub, image_folder, splits
+from fgpair_jax.data import aircraft, archives, cars, crops, cub, decoded_cache, image_folder, splits
 from fgpair_jax.errors import ConfigError, MissingFileError
 
 DATA_SETS = {data_set.name: data_set for data_set in (cub.DATA_SET, cars.DATA_SET, aircraft.DATA_SET,
@@ -78,7 +78,8 @@ def load_sources(config, workdir: str = ""):
                                              download=config.data.download)
     sources, info = builder.load_sources(
         data_set, manual_dir, data_dir, max_image_pixels=config.data.max_image_pixels, data_config=config.data,
-        check_index=lambda index: check_crops(config.data, index.has_boxes))  # before any image is decoded
+        check_index=lambda index: check_crops(config.data, index.has_boxes),  # before any image is decoded
+        stored_short_side=config.data.stored_short_side, encoded_images=config.data.reduced_decode)
     chosen = []
     if config.data.aircraft_remove_banner:
         chosen.append(crops.without_bottom_rows(aircraft.BANNER_ROWS))
@@ -87,4 +88,6 @@ def load_sources(config, workdir: str = ""):
     sources = crops.apply(sources, chosen)
     if config.data.eval_split == "val":
         sources, info = splits.with_validation_as_eval(sources, info, config.data.val_fraction)
+    if config.data.cache_gib:
+        sources = dict(sources, train=decoded_cache.decoded_cache(sources["train"], config.data.cache_gib))
     return sources, info
