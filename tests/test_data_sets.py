@@ -177,8 +177,12 @@ def test_one_shared_build_serves_every_run_and_tfds_data_dir_is_honoured(tmp_pat
 # ---------------------------------------------------------------- the CLI on each data set
 
 
-@pytest.mark.parametrize("name", DATA_SETS)
-def test_each_data_set_trains_and_evaluates_from_the_cli(name, tmp_path):
+@pytest.mark.parametrize("name", ["cars"])
+def test_a_data_set_other_than_cub_trains_and_evaluates_from_the_cli(name, tmp_path):
+    """One data set end to end (Cars: the devkit .mat and its own config file): after `load_sources` the
+    run does not depend on the data set, and every reader's build (labels, names, boxes, splits) is
+    checked above without training, so training each of them costs CI minutes and tests nothing more.
+    `configs/<name>.py:tiny` of every data set is validated in test_run.py."""
     folder = synthetic.write_tiny(name, str(tmp_path / name))
     result = subprocess.run(
         [sys.executable, "-m", "fgpair_jax.main", f"--config=configs/{name}.py:tiny", f"--workdir={tmp_path / 'run'}",

@@ -3,6 +3,7 @@ training config is refused in one line; the config is validated before anything 
 has no import cycle and names no method outside `methods/`; importing it changes no global state."""
 import ast
 import json
+import importlib
 import os
 import pkgutil
 import subprocess
@@ -94,6 +95,12 @@ def test_every_shipped_config_validates():
     for config in (cub.get_config(), cub.get_config("quick"), cub.get_config("medium"), cub.get_config("tiny"),
                    cub_ablations.get_config("random,quick")):
         run_config.validate(config)
+    for name in ("cars", "aircraft", "image_folder"):  # each data set's own file, e.g. configs/cars.py:tiny
+        module = importlib.import_module(f"configs.{name}")
+        for variant in ("", "quick", "tiny"):
+            config = module.get_config(variant)
+            assert config.data.name == name
+            run_config.validate(config)
 
 
 def run_main(*args, timeout=300):
