@@ -28,7 +28,7 @@ from fgpair_jax.data import augment, nuisance, pipeline
 from fgpair_jax.evaluation.knn import knn_top1
 from fgpair_jax.errors import ConfigError
 from fgpair_jax.methods import get_method
-from fgpair_jax.metrics_writer import announce
+from fgpair_jax.metrics_writer import announce, phase_bar
 from fgpair_jax.models import build_encoder, frozen_modules, input_normalization
 
 
@@ -47,6 +47,11 @@ def announce_eval_batch_size(config) -> None:
                  f"multiple of the {jax.device_count()} devices (the added rows are masked padding).")
 
 
+def batch_count(source, config) -> int:
+    """How many global batches `split_batches` yields for `source`: its length over `eval_batch_size`, rounded up."""
+    return -(-len(source) // eval_batch_size(config))
+
+
 def split_batches(source, config, split: str = "test"):
     """This process's share of every global evaluation batch of `source` (`pipeline.eval_batches`), the
     `split` ("train" or "test": the one SSL trains on, or the evaluated one) naming whose images these are,
@@ -56,6 +61,12 @@ def split_batches(source, config, split: str = "test"):
         crop_fraction=config.data.eval_crop_fraction, process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=config.data.worker_count,
         nuisance=nuisance.Nuisance.of_config(config), nuisance_stream=nuisance.stream_of(split))
+
+
+def closing_batches(source, config, split: str = "test") -> pipeline.ClosingIterator:
+    """`split_batches` as an iterator closed on leaving its `with` block (`pipeline.ClosingIterator`): grain's
+    worker processes stop when the pass ends, not at the interpreter's exit."""
+    return pipeline.ClosingIterator(split_batches(source, config, split))
 
 
 def _on_mesh(fn, mesh, batch_args: int = 1):
@@ -74,21 +85,26 @@ def make_feature_fn(config, mesh):
         params, batch_stats, augment.normalize(images, mean, std), config, valid=valid), mesh, batch_args=2)
 
 
-def extract_features(feature_fn, params, batch_stats, source, config, mesh, split: str = "test"):
+def extract_features(feature_fn, params, batch_stats, source, config, mesh, split: str = "test",
+                     transient: bool = False):
     """(features [N, D] float32, labels [N] int32) of every example of `source` (the `split` named, see
-    `split_batches`), in source order."""
+    `split_batches`), in source order. A bar counts the batches (`metrics_writer.phase_bar`; the first one
+    includes the compile); `transient` erases it when done (the kNN monitor's, under the training bar)."""
     features, labels, indices = [], [], []
-    for batch in split_batches(source, config, split):
-        placed = parallel.global_batch({"image": batch["image"], "mask": batch["mask"]}, mesh)
-        out = np.asarray(jax.device_get(feature_fn(params, batch_stats, placed["image"], placed["mask"])))
-        # Every process sees the replicated global result; keep the valid rows of the global batch.
-        meta = {"label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
-        if jax.process_count() > 1:
-            meta = multihost_utils.process_allgather(meta, tiled=True)
-        valid = np.asarray(meta["mask"])
-        features.append(out[valid])
-        labels.append(np.asarray(meta["label"])[valid])
-        indices.append(np.asarray(meta["index"])[valid])
+    with (phase_bar(batch_count(source, config), f"Extracting {split} features", "batch", transient=transient) as bar,
+          closing_batches(source, config, split) as batches):
+        for batch in batches:
+            placed = parallel.global_batch({"image": batch["image"], "mask": batch["mask"]}, mesh)
+            out = np.asarray(jax.device_get(feature_fn(params, batch_stats, placed["image"], placed["mask"])))
+            # Every process sees the replicated global result; keep the valid rows of the global batch.
+            meta = {"label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
+            if jax.process_count() > 1:
+                meta = multihost_utils.process_allgather(meta, tiled=True)
+            valid = np.asarray(meta["mask"])
+            features.append(out[valid])
+            labels.append(np.asarray(meta["label"])[valid])
+            indices.append(np.asarray(meta["index"])[valid])
+            bar.update()
     order = np.argsort(np.concatenate(indices), kind="stable")
     return np.concatenate(features)[order].astype(np.float32), np.concatenate(labels)[order].astype(np.int32)
 
@@ -96,8 +112,10 @@ def extract_features(feature_fn, params, batch_stats, source, config, mesh, spli
 def knn_monitor(feature_fn, state, sources, config, mesh, num_classes) -> float:
     """Weighted kNN top-1 (percent) of `state`'s encoder, train -> eval split: the cheap quality signal
     logged during training."""
-    train = extract_features(feature_fn, state.params, state.batch_stats, sources["train"], config, mesh, "train")
-    test = extract_features(feature_fn, state.params, state.batch_stats, sources["test"], config, mesh, "test")
+    train = extract_features(feature_fn, state.params, state.batch_stats, sources["train"], config, mesh, "train",
+                             transient=True)
+    test = extract_features(feature_fn, state.params, state.batch_stats, sources["test"], config, mesh, "test",
+                            transient=True)
     return knn_top1(*train, *test, k=config.eval.knn_k, temperature=config.eval.knn_temperature,
                     num_classes=num_classes)
 
@@ -121,8 +139,8 @@ def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
     `eval_batch_size` batches of `source` (normally the train split); the partial last batch is left out.
     Raises `ConfigError` when `source` holds fewer than one batch."""
     batch_size = eval_batch_size(config)
-    num_batches = len(source) // batch_size
-    if num_batches == 0:
+    full_batches = len(source) // batch_size
+    if full_batches == 0:
         raise ConfigError(f"eval.recompute_bn_stats needs at least {batch_size} train images (eval.batch_size="
                           f"{config.eval.batch_size} on {jax.device_count()} devices), the split has "
                           f"{len(source)}; lower config.eval.batch_size.")
@@ -136,15 +154,18 @@ def recalibrated_batch_stats(params, batch_stats, source, config, mesh) -> dict:
 
     zeros, ones = starting_from(0.0), starting_from(1.0)
     total, momentum = None, None
-    for index, batch in zip(range(num_batches), split_batches(source, config, "train")):
-        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
-        scaled = statistics_fn(params, zeros, images)  # (1 - m) * this batch's statistics
-        if index == 0:
-            momentum = jax.tree.map(jnp.subtract, statistics_fn(params, ones, images), scaled)
-        total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
+    with (phase_bar(full_batches, "Recomputing batch-norm statistics", "batch") as bar,
+          closing_batches(source, config, "train") as batches):
+        for index, batch in zip(range(full_batches), batches):
+            images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
+            scaled = statistics_fn(params, zeros, images)  # (1 - m) * this batch's statistics
+            if index == 0:
+                momentum = jax.tree.map(jnp.subtract, statistics_fn(params, ones, images), scaled)
+            total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
+            bar.update()
 
     def average(summed, m):
-        return summed / (num_batches * (1.0 - m))
+        return summed / (full_batches * (1.0 - m))
 
     encoder_stats = {name: stats if name in frozen else jax.tree.map(average, total[name], momentum[name])
                      for name, stats in old_stats.items()}

@@ -4,20 +4,33 @@ TensorBoard files are written with tensorboardX, so no TensorFlow is needed. Onl
 """
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from fgpair_jax.atomic_files import write_atomically
 
 
 def announce(message: str) -> None:
-    """A line for the person running the job: printed by process 0, logged by every process."""
+    """A line for the person running the job (stdout): printed by process 0, logged by every process. Written
+    with `tqdm.write`, so a progress bar on the terminal (stderr) is redrawn below it, not cut through."""
     logging.info(message)
     if jax.process_index() == 0:
-        print(message, flush=True)
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def phase_bar(total: int, description: str, unit: str, *, transient: bool = False) -> tqdm:
+    """A progress bar (tqdm, on stderr) over a phase of `total` `unit`s, e.g. feature batches or probe fits,
+    shown by process 0 (a disabled bar elsewhere). `transient`: erased when closed (a phase inside the
+    training bar, such as the kNN monitor's features); otherwise it stays as the phase's record with its time.
+    Use it as a context manager, calling `.update()` once per unit."""
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, mininterval=1.0, leave=not transient,
+                disable=jax.process_index() != 0)
 
 
 def read_jsonl(path: str) -> list:
@@ -85,20 +98,21 @@ class Progress:
         self.images_per_step = images_per_step
         self.bar = None
         if jax.process_index() == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="Training", unit="step", dynamic_ncols=True,
                             mininterval=2.0, smoothing=0.1)
         self._last_time, self._last_step = time.perf_counter(), start_step
 
-    def update(self, step: int, loss: float = None) -> float:
-        """Advance to `step`; returns images/s since the previous call."""
+    def update(self, step: int, loss: float = None):
+        """Advance to `step`; returns images/s since the previous call (or since the bar started), None when
+        no step has run since then (the bar starts after the step that compiled: its time is not a rate)."""
         now = time.perf_counter()
-        rate = (step - self._last_step) * self.images_per_step / max(now - self._last_time, 1e-9)
+        rate = None
+        if step > self._last_step:
+            rate = (step - self._last_step) * self.images_per_step / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            postfix = {"img/s": f"{rate:.1f}"}
+            postfix = {} if rate is None else {"img/s": f"{rate:.1f}"}
             if loss is not None:
                 postfix["loss"] = f"{loss:.3f}"
             self.bar.set_postfix(postfix, refresh=False)

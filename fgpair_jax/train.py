@@ -45,7 +45,7 @@ def _host_batches(config, source, start_step: int = 0):
         nuisance=nuisance.Nuisance.of_config(config),
         resize_with=config.data.view_resize,
     )
-    return iter(dataset)
+    return pipeline.ClosingIterator(dataset)
 
 
 def _mean_metrics(history: list) -> dict:
@@ -55,12 +55,26 @@ def _mean_metrics(history: list) -> dict:
 
 
 def _epoch_summary(epoch, num_epochs, step, means, rate, elapsed, knn=None) -> str:
+    """One line per epoch; `rate` None (no step timed in it besides the one that compiled) is left out."""
     parts = [f"epoch {epoch}/{num_epochs}", f"step {step}"]
     parts += [f"{name} {value:.4f}" for name, value in sorted(means.items())]
     if knn is not None:
         parts.append(f"knn_top1 {knn:.2f}%")
-    parts += [f"{rate:.1f} img/s", f"{elapsed / 60:.1f} min"]
+    if rate is not None:
+        parts.append(f"{rate:.1f} img/s")
+    parts.append(f"{elapsed / 60:.1f} min")
     return " | ".join(parts)
+
+
+def _already_evaluated(config, workdir, run_plan, checkpointer):
+    """The saved metrics when the run is finished and evaluated: its newest checkpoint is the last step, of
+    this training config (`CheckpointMismatchError` otherwise, as a resume would say), and eval/metrics.json
+    scores that step under this evaluation config (`evaluate.current_metrics`); else None."""
+    latest = checkpointer.latest_step()
+    if latest is None or latest != run_plan.total_steps:
+        return None
+    checkpointer.check_compatible(latest)
+    return evaluate.current_metrics(workdir, latest, config)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -90,6 +104,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run_plan = run.plan(config, info.split_sizes["train"], mesh)
     checkpointer = run.open_checkpoints(config, workdir, run_plan)
     try:
+        saved = _already_evaluated(config, workdir, run_plan, checkpointer)
+        if saved is not None:
+            checkpointer.close()
+            announce(f"Finished and evaluated at step {saved['step']}: {evaluate.summary_line(saved)} "
+                     f"({evaluate.metrics_path(workdir)}). To re-evaluate: python -m fgpair_jax.evaluate "
+                     f"--workdir={workdir} --force (or change a --config.eval. knob).")
+            return saved
+        if checkpointer.latest_step() is None:
+            announce("Initialising the model (its initialiser compiles first) ...")
         state, data_state = run.restore_or_start(config, workdir, run_plan, mesh, checkpointer)
     except BaseException:
         checkpointer.close()
@@ -108,6 +131,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                              writer, stop_requests)
         finally:
             checkpointer.close()  # waits for pending saves: never leave a half-written latest checkpoint
+            batches.close()  # grain's workers stop now, not at the interpreter's exit (`pipeline.ClosingIterator`)
         if stopped:
             return {}
         metrics = evaluate.evaluate_state(config, workdir, state, sources, info, mesh)
@@ -115,11 +139,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                if k != "step"})
     finally:
         writer.close()
+    announce(f"Drawing figures into {os.path.join(workdir, 'figures')} ...")
     figures = _figures_without_losing_the_metrics(config, workdir, state, sources)
     if figures:
         announce(f"Figures: {', '.join(figures)}")
-    announce(evaluate.summary_line(metrics))
-    announce(f"Results: {os.path.join(workdir, 'eval', 'metrics.json')} and features.npz")
     return metrics
 
 
@@ -144,7 +167,7 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
     steps_per_epoch, total_steps = run_plan.steps_per_epoch, run_plan.total_steps
     start_step = int(jax.device_get(state.step))
     train_step = step_lib.make_train_step(config, run_plan.tx, mesh, steps_per_epoch)
-    progress = Progress(total_steps, start_step, config.global_batch_size)
+    progress = None  # the bar starts after the first step, which compiles: its rate and ETA leave that out
     feature_fn = features.make_feature_fn(config, mesh)
     latest = checkpointer.latest_step()
     nonfinite = numerics.NonfiniteMonitor(config.on_nonfinite, "no checkpoint yet" if latest is None else
@@ -163,19 +186,28 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
 
     start_time, epoch_metrics = time.perf_counter(), []
     epoch_start_time, epoch_start_step = start_time, start_step
+    if start_step < total_steps:
+        announce("Compiling the training step (and reading the first batch) ...")
     for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
+        if progress is None:
+            jax.block_until_ready(metrics)
+            announce(f"Compiled: step {step} took {time.perf_counter() - start_time:.0f} s, the compile included.")
+            progress = Progress(total_steps, step, config.global_batch_size)
+            epoch_start_time, epoch_start_step = time.perf_counter(), step
         nonfinite.observe(step, metrics)
         epoch_metrics.append(metrics)
         if step % config.log_every_steps == 0 or step == total_steps:
             scalars = jax.device_get(metrics)
             rate = progress.update(step, float(scalars["loss"]))
-            writer.write_scalars(step, dict(scalars, images_per_second=rate))
+            writer.write_scalars(step, scalars if rate is None else dict(scalars, images_per_second=rate))
         if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
             save(step)  # before the epoch's kNN monitor: a failure there must not lose the epoch
         if step % steps_per_epoch == 0:
             epoch, now = step // steps_per_epoch, time.perf_counter()
-            rate = (step - epoch_start_step) * config.global_batch_size / (now - epoch_start_time)
+            rate = None
+            if step > epoch_start_step:
+                rate = (step - epoch_start_step) * config.global_batch_size / max(now - epoch_start_time, 1e-9)
             means = _mean_metrics(epoch_metrics)
             knn = None
             if config.eval.knn_every_epochs and epoch % config.eval.knn_every_epochs == 0:
@@ -190,7 +222,8 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
             announce(f"Stopped by {reason} at step {step}: checkpoint saved; rerun the same command to resume.")
             return state, True
     nonfinite.flush()
-    progress.close()
+    if progress is not None:
+        progress.close()
     if nonfinite.skipped_steps:
         announce(f"Skipped {len(nonfinite.skipped_steps)} non-finite step(s): {nonfinite.skipped_steps[:20]}.")
     save(total_steps, force=True)

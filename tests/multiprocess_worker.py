@@ -56,6 +56,9 @@ class RecordedBatches:
             os.kill(os.getpid(), self.signal[2])
         return batch
 
+    def close(self):
+        self.batches.close()
+
 
 def recorded_host_batches(host_batches):
     def wrapped(config, source, start_step=0):

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,21 @@ def test_problem_images_become_rgb_and_undecodable_ones_are_skipped(cub_folder, 
     assert info.skipped_files == {"train": (), "test": ("009.Gamma_bird/img_2.jpg",)}
     warnings = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
     assert warnings == ["CUB folder test split: skipped 1 undecodable images: 009.Gamma_bird/img_2.jpg"]
+
+
+def test_a_build_says_one_line_of_its_own_and_no_tfds_warning(cub_folder, tmp_path, capsys, caplog):
+    """Issue 26: TFDS's 'Downloading and preparing dataset Unknown size' (for a local folder) and its 'custom
+    data configuration' warning, on every run and in every grain worker, are gone; our line says what is built."""
+    root, _ = cub_folder
+    data_dir = str(tmp_path / "tfds")
+    with caplog.at_level(logging.INFO):
+        sources, info = builder.load_sources(cub.DATA_SET, root, data_dir)
+        builder.load_sources(cub.DATA_SET, root, data_dir)  # reused: says nothing
+        pickle.loads(pickle.dumps(sources["train"]))  # what a grain worker does: the builder is made again
+    out = capsys.readouterr().out
+    assert out == f"Building CUB folder (12 images listed) into {info.builder_dir}; later runs reuse it.\n"
+    logged = [record.getMessage() for record in caplog.records]
+    assert not [m for m in logged if "custom data configuration" in m or "Downloading" in m], logged
 
 
 def test_valid_rgb_jpeg_is_stored_byte_for_byte(cub_folder):

@@ -30,6 +30,14 @@ def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
     result = run_cli(*TWO_EPOCHS, f"--workdir={workdir}", f"--config.data.manual_dir={tiny_cub}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch 2/2" in result.stdout + result.stderr
+    # Each long phase says what it does (issue 26): lines on stdout, bars on stderr; the libraries' noise is gone.
+    for line in ("Building CUB folder (27 images listed) into ", "Compiling the training step", "Evaluating step 4: ",
+                 "Results of step 4: ", "Drawing figures into "):
+        assert line in result.stdout, (line, result.stdout[-3000:])
+    for bar in ("Training: ", "Extracting train features: ", "Extracting test features: ", "Fitting the linear probe: "):
+        assert bar in result.stderr, (bar, result.stderr[-3000:])
+    for noise in ("Downloading and preparing", "Using custom data configuration", "OpenCV", "Exception ignored"):
+        assert noise not in result.stdout + result.stderr, noise
 
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         metrics = json.load(f)
@@ -50,19 +58,21 @@ def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
     assert any("loss_reconstruction" in entry for entry in log)
 
-    # Re-evaluation of the latest checkpoint reproduces the training run's own evaluation.
-    os.remove(os.path.join(workdir, "eval", "metrics.json"))
-    again = run_cli(f"--workdir={workdir}", module="fgpair_jax.evaluate")
+    # Re-evaluation of the latest checkpoint (forced: metrics.json scores it) reproduces the run's own evaluation.
+    again = run_cli(f"--workdir={workdir}", "--force", module="fgpair_jax.evaluate")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "Evaluating step 4: " in again.stdout and "Evaluation (%): linear_top1 " in again.stdout
+    assert f"Results of step 4: {workdir}/eval/metrics.json and features.npz (replaced those of step 4)" in again.stdout
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         reevaluated = json.load(f)
     for key in ("linear_top1", "retrieval_rank1", "retrieval_map", "knn_top1"):
         assert reevaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
 
-    # Running the same command again resumes at the end: no training, same checkpoint, same result.
+    # Running the same command again finds the run finished and evaluated: no work, the saved result said.
     rerun = run_cli(*TWO_EPOCHS, f"--workdir={workdir}", f"--config.data.manual_dir={tiny_cub}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Resumed from step 4" in rerun.stdout
+    assert "Finished and evaluated at step 4: Evaluation (%): linear_top1 " in rerun.stdout, rerun.stdout[-2000:]
+    assert "Compiling" not in rerun.stdout and "Extracting" not in rerun.stderr
 
 
 def test_missing_data_folder_is_one_clear_error(tmp_path):
@@ -122,7 +132,7 @@ def test_tilde_paths_and_evaluating_after_the_data_moved(tmp_path):
 
     os.rename(home / "CUB_200_2011", home / "moved")
     shutil.rmtree(home / "tfds")  # the built copy is gone too: evaluation must rebuild from the moved folder
-    result = cli("fgpair_jax.evaluate", "--workdir=~/run")
+    result = cli("fgpair_jax.evaluate", "--workdir=~/run", "--force")  # forced: metrics.json scores the checkpoint
     assert result.returncode == 2 and "config.data.manual_dir" in last_error_line(result), result.stderr[-2000:]
     result = cli("fgpair_jax.evaluate", "--workdir=~/run", "--config.data.manual_dir=~/moved",
                  "--config.eval.knn_k=2")

@@ -268,8 +268,10 @@ def test_linear_probe_choice_ignores_test_data_and_is_deterministic():
     for key in ("val_curve", "val_top1", "weight_decay"):
         assert with_other_test[key] == result[key]
     assert with_other_test["top1"] != result["top1"]  # the test data did reach the final evaluation
-    repeated = linear_probe(*train, test_features, test_labels, weight_decays=grid)
-    assert repeated == result  # bit-for-bit
+    fits = []
+    repeated = linear_probe(*train, test_features, test_labels, weight_decays=grid, after_fit=lambda: fits.append(1))
+    assert repeated == result  # bit-for-bit, with a progress callback too
+    assert len(fits) == len(grid) + 1  # one per weight decay and the refit
 
 
 def test_linear_probe_errors_name_the_problem():

@@ -154,6 +154,22 @@ class FolderBuild(tfds.core.GeneratorBasedBuilder):
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Set config.data.manual_dir to the data set's folder (see README: Data sets)."
 
+    def _create_builder_config(self, builder_config, version):
+        """TFDS's, without its WARNING that the config is not one of the class's: every build of ours is such a
+        custom config, and the builder is made again in every grain worker that unpickles a data source."""
+        with _without_absl_messages(_CUSTOM_CONFIG_MESSAGE):
+            return super()._create_builder_config(builder_config, version)
+
+    def _log_download_bytes(self) -> None:
+        """TFDS's line before a build ('Downloading and preparing dataset Unknown size ...': wrong for a local
+        folder) replaced by ours, printed once, by the process that builds."""
+        config = self.builder_config
+        print(f"Building {config.index.data_set} ({len(config.index.records):,} images listed) into {self.data_dir}; "
+              "later runs reuse it.", flush=True)
+
+    def _log_download_done(self) -> None:
+        """Nothing: the run's `Data: ... (built now)` line (`sources.build_line`) says where the build is."""
+
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         if not isinstance(config, FolderBuildConfig):
@@ -412,6 +428,32 @@ def load_sources(
         skip = {"image": tfds.decode.SkipDecoding()}
         return {split: jpeg.EncodedRecords(builder.as_data_source(split, decoders=skip)) for split in SPLITS}, info_out
     return {split: builder.as_data_source(split) for split in SPLITS}, info_out
+
+
+# TFDS's absl WARNING on constructing any builder whose config is not one of its class's (all of ours).
+_CUSTOM_CONFIG_MESSAGE = "Using custom data configuration"
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message template starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: Sequence[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _without_absl_messages(*prefixes: str):
+    """While inside: records of absl's logger (TFDS logs through it) starting with `prefixes` are dropped."""
+    absl_logger, drop = logging.getLogger("absl"), _DropMessages(prefixes)
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

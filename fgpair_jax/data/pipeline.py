@@ -297,6 +297,36 @@ def _leave_interrupts_to_the_main_process(worker_index: int, worker_count: int) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class ClosingIterator:
+    """`iter(dataset)` that `close()` (or leaving a `with` block) ends for good: grain's prefetch threads and
+    worker processes (`worker_count` > 0) stop then, while the interpreter is whole, and the grain iterator is
+    released at once. Why: an iterator still alive when the interpreter exits (a frame kept by a traceback, a
+    global) is closed by grain's `__del__` with its modules already torn down, which prints 'Exception
+    ignored in ... __del__' tracebacks; a closed grain iterator closes again there, with the same result."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._iterator = iter(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            raise StopIteration
+        return next(self._iterator)
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            iterator, self._iterator = self._iterator, None
+            iterator.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 # ---------------------------------------------------------------- public datasets
 
 

@@ -14,7 +14,7 @@ decayed), starting from zeros, inside one jitted while-loop: convex, determinist
 to tune, and a few hundred small matmuls for CUB-sized problems, so a grid runs in seconds on CPU.
 """
 import functools
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +118,7 @@ def linear_probe(
     tolerance: float = 1e-5,
     standardize: bool = True,
     seed: int = 0,
+    after_fit: Optional[Callable[[], object]] = None,
 ) -> Dict:
     """Linear-probe top-1 (percent) with the weight decay chosen on a validation part of TRAIN only.
 
@@ -136,6 +137,8 @@ def linear_probe(
         `steps`/`tolerance`.
       steps: maximum L-BFGS iterations per fit; tolerance: stop once ||gradient|| is below it.
       standardize: z-score each dimension with the fitted images' statistics after L2 normalisation.
+      after_fit: called with no argument after each of the len(weight_decays) + 1 fits (e.g. a progress
+        bar's `update`); it does not change the result.
     """
     train_x, train_y = check_features_and_labels(train_features, train_labels, "linear-probe train")
     test_x, test_y = check_features_and_labels(test_features, test_labels, "linear-probe test")
@@ -154,15 +157,17 @@ def linear_probe(
     in_fit[fit_indices] = True
     fit_options = dict(standardize=standardize, num_classes=num_classes, steps=steps, tolerance=tolerance)
 
+    after_fit = after_fit or (lambda: None)
     val_x, val_y = train_x[val_indices], train_y[val_indices]
-    val_curve = {
-        float(wd): _fit_and_score(train_x, train_y, in_fit, val_x, val_y, wd, **fit_options)
-        for wd in weight_decays
-    }
+    val_curve = {}
+    for wd in weight_decays:
+        val_curve[float(wd)] = _fit_and_score(train_x, train_y, in_fit, val_x, val_y, wd, **fit_options)
+        after_fit()
     # Best validation accuracy; among equals the larger weight decay (the more regularised model).
     chosen_wd = max(val_curve, key=lambda wd: (val_curve[wd], wd))
     all_train = np.ones(train_y.size, bool)
     test_top1 = _fit_and_score(train_x, train_y, all_train, test_x, test_y, chosen_wd, **fit_options)
+    after_fit()
     return {
         "top1": test_top1,
         "val_top1": val_curve[chosen_wd],
