@@ -22,12 +22,18 @@ from fgpair_jax.figures.embedding import save_run_embedding
 from fgpair_jax.figures.gradcam import save_gradcam_overlays
 from fgpair_jax.figures.images import to_uint8_image
 from fgpair_jax.figures.losses import save_loss_curves
-from fgpair_jax.figures.pairs import save_pair_grid, variant_text
+from fgpair_jax.figures.pairs import LOOK_FOR as PAIRS_LOOK_FOR, save_pair_grid, variant_text
 from fgpair_jax.figures.retrieval import choose_queries, nearest_neighbours, save_retrieval_grid
 from fgpair_jax.methods import get_method
 from fgpair_jax.models import input_normalization
 
 RETRIEVAL_QUERIES, RETRIEVAL_NEIGHBOURS = 6, 5
+
+
+def run_label(config) -> str:
+    """What trained, for figure titles: 'fgpair (base simsiam) / resnet18', 'moco / resnet18'."""
+    method = f"{config.method} (base {config.fgpair.base})" if config.method == "fgpair" else config.method
+    return f"{method} / {config.model.name}"
 
 
 def eval_images(config, test_source, indices) -> np.ndarray:
@@ -79,7 +85,7 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
     step = int(jax.device_get(state.step))
     # A finished run's step is num_epochs x steps_per_epoch (run.plan): the schedule's step axis.
     steps_per_epoch = step // config.num_epochs if config.num_epochs and step else None
-    run = f"{config.method} / {config.model.name}"
+    run = run_label(config)
     count = min(stats_images, len(test_source))
     stride = max(1, len(test_source) // count)  # spread over classes (the source is class-ordered)
     images = eval_images(config, test_source, [i * stride for i in range(count)])
@@ -93,8 +99,10 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
         contrast = _per_pair_contrast(arrays["pair_a"][:num_images], arrays["pair_b"][:num_images], normalized)
         save_pair_grid(shown, to_uint8_image(arrays["pair_a"][:num_images], config.model),
                        to_uint8_image(arrays["pair_b"][:num_images], config.model), written[-1],
-                       titles=("image", *arrays["pair_titles"]), step=step,
-                       title=f"{run}: {variant_text(config.fgpair)}",
+                       titles=("image", *arrays["pair_titles"]), step=step, look_for=PAIRS_LOOK_FOR,
+                       title=f"{config.method} / {config.model.name}: {variant_text(config.fgpair)}" + (
+                           f"; mean contrast over {count} test images {arrays['diagnostics']['pair_contrast']:.3f}"
+                           if "pair_contrast" in arrays.get("diagnostics", {}) else ""),
                        row_notes=[f"contrast {value:.3f}" for value in contrast])
     if arrays.get("diagnostics"):
         written.append(os.path.join(directory, "diagnostics.json"))

@@ -4,8 +4,9 @@ side-by-side of two runs (`write_side_by_side`).
 The map is UMAP (umap-learn, the optional extra `.[umap]`) when it is installed and the split has at
 least `UMAP_MIN_POINTS` images, else PCA, and the figure's title says which. UMAP shows neighbourhoods
 (what retrieval and kNN score) and is what the field shows; it is optional because it brings numba and
-scikit-learn and costs about a minute per map on a loaded 2-core CPU (results/README.md). PCA is exact and
-instant but linear: classes that UMAP separates can overlap in it.
+scikit-learn and costs CPU minutes per map where PCA costs a fraction of a second (measured:
+results/README.md, `benchmarks/embedding_cost.py`). PCA is exact but linear: classes that UMAP separates
+can overlap in it.
 """
 import json
 import os
@@ -54,11 +55,13 @@ def project_2d(features, seed: int = 0, method: str = "auto"):
     and N >= UMAP_MIN_POINTS, else PCA; 'pca': PCA. UMAP (seeded by `seed`, so reproducible) runs on the
     first UMAP_INPUT_DIMS principal components."""
     unit = l2_normalize(features)
-    umap = _umap() if method == "auto" else None
-    if umap is None or unit.shape[0] < UMAP_MIN_POINTS:
-        why = "" if method == "pca" else (" (pip install -e '.[umap]' for UMAP)" if umap is None else
-                                           f" (UMAP needs >= {UMAP_MIN_POINTS} images)")
-        return principal_components(unit, 2), f"PCA{why}"
+    if method == "pca":
+        return principal_components(unit, 2), "PCA"
+    if unit.shape[0] < UMAP_MIN_POINTS:  # decided before importing umap (seconds of numba)
+        return principal_components(unit, 2), f"PCA (UMAP needs >= {UMAP_MIN_POINTS} images)"
+    umap = _umap()
+    if umap is None:
+        return principal_components(unit, 2), "PCA (pip install -e '.[umap]' for UMAP)"
     reduced = principal_components(unit, min(UMAP_INPUT_DIMS, *unit.shape))
     reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, min_dist=UMAP_MIN_DIST, random_state=seed,
                         n_jobs=1)  # a seed makes UMAP single-threaded; saying so avoids its warning

@@ -25,7 +25,7 @@ def image_grid(rows: int, columns: int, width: float, height: float, title: str 
     """(Figure, axes [rows, columns]) of `width` x `height`-inch image panels with their ticks hidden,
     `title` (already wrapped) above them and `note` (already wrapped: what to look for) below, with room
     made for both."""
-    top_inches = text_inches(title, title_size) + 0.3
+    top_inches = text_inches(title, title_size) + 0.55  # and room for the first row's panel titles
     bottom_inches = text_inches(note, note_size) + 0.4  # and room for a label under the last row
     fig = Figure(figsize=(width * columns, height * rows + top_inches + bottom_inches))
     axes = fig.subplots(rows, columns, squeeze=False)

@@ -23,13 +23,15 @@ COLUMNS = 4  # panels in one row; more panels go into two rows
 
 
 def schedule_phases(config, steps_per_epoch):
-    """(step where fgpair's warm-up ends, step where its ramp ends) as floats, from `config.fgpair`'s
-    `warmup_epochs` and `ramp_epochs` and `steps_per_epoch`; None for a run without that schedule
-    (another method, nu = 0, or an unknown steps_per_epoch). The two are equal when ramp_epochs = 0."""
+    """(last logged step of fgpair's warm-up, logged step where its ramp reaches full weight) as floats, from
+    `config.fgpair`'s `warmup_epochs` and `ramp_epochs` and `steps_per_epoch`, in the log's numbering: the
+    step logged as s runs with the weight of epoch (s - 1) / steps_per_epoch (`step.train_step` reads the
+    state's step before its update). None for a run without that schedule (another method, nu = 0, or an
+    unknown steps_per_epoch). The two are equal when ramp_epochs = 0."""
     if config is None or not steps_per_epoch or config.method != "fgpair" or config.fgpair.nu <= 0:
         return None
     warmup = config.fgpair.warmup_epochs * steps_per_epoch
-    return float(warmup), float(warmup + config.fgpair.ramp_epochs * steps_per_epoch)
+    return float(warmup + 1), float(warmup + config.fgpair.ramp_epochs * steps_per_epoch + 1)
 
 
 def loss_formula(config) -> str:
@@ -51,11 +53,11 @@ def loss_formula(config) -> str:
 
 
 def _pair_weight_curve(config, steps_per_epoch: int, last_step: int):
-    """(steps, ν_t) of the config's schedule at every step: `fgpair.pair_weight` itself."""
+    """(logged steps 1..last_step, ν_t each ran with): `fgpair.pair_weight` itself, in the log's numbering."""
     from fgpair_jax.methods import fgpair
 
-    steps = np.arange(0, last_step + 1)
-    return steps, np.asarray(fgpair.pair_weight(config, steps.astype(np.float32) / steps_per_epoch))
+    steps = np.arange(1, last_step + 1)
+    return steps, np.asarray(fgpair.pair_weight(config, (steps - 1).astype(np.float32) / steps_per_epoch))
 
 
 def save_loss_curves(metrics_jsonl: str, path: str, config=None, steps_per_epoch=None) -> bool:

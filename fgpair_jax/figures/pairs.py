@@ -19,12 +19,13 @@ def variant_text(fgpair_config) -> str:
 
 def save_pair_grid(images: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, path: str,
                    titles=("image", "x_a = d(h)", "x_b = d(h') (perturbed)"), title: str = "",
-                   row_notes=None, step=None, look_for: str = LOOK_FOR) -> None:
+                   row_notes=None, step=None, look_for: str = "") -> None:
     """One row per image: the image and the two images of its synthesized pair ([B, S, S, 3] uint8 each),
     side by side, under `title` (e.g. the run's variant, `variant_text`) and the step, with `row_notes`
-    ([B] strings, e.g. each pair's contrast) beside each row and `look_for` as the caption."""
+    ([B] strings, e.g. each pair's contrast) beside each row and `look_for` (e.g. `LOOK_FOR`) as the caption."""
     heading = f"Synthesized pairs{step_text(step)}" + (f"\n{title}" if title else "")
-    fig, axes = image_grid(len(images), 3, 1.9, 1.7, title=wrapped(heading, 62), note=wrapped(look_for, 80),
+    fig, axes = image_grid(len(images), 3, 1.9, 1.7, title=wrapped(heading, 62),
+                           note=wrapped(look_for, 80) if look_for else "",
                            title_size=9)
     for i, triplet in enumerate(zip(images, pair_a, pair_b)):
         for j, picture in enumerate(triplet):
