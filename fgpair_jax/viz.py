@@ -53,6 +53,15 @@ def _per_pair_contrast(pair_a, pair_b, batch) -> list:
     return [float(fgpair.contrast_ratio(pair_a[i:i + 1], pair_b[i:i + 1], batch)) for i in range(len(pair_a))]
 
 
+def _pairs_title(config, diagnostics: dict, count: int) -> str:
+    """'fgpair / resnet18: <the variant>; mean contrast over 64 test images 0.176' (the last part when the
+    method's diagnostics give pair_contrast)."""
+    title = f"{config.method} / {config.model.name}: {variant_text(config.fgpair)}"
+    if "pair_contrast" in diagnostics:
+        title += f"; mean contrast over {count} {config.data.eval_split} images {diagnostics['pair_contrast']:.3f}"
+    return title
+
+
 def write_retrieval_figure(config, workdir: str, test_source, path: str, run: str, step) -> bool:
     """retrieval.png from `<workdir>/eval/features.npz` (its test rows are the test source in order) and
     the test images; False (nothing written) when the features are missing or no class has two images."""
@@ -62,12 +71,13 @@ def write_retrieval_figure(config, workdir: str, test_source, path: str, run: st
     with np.load(features_path) as saved:
         features, labels = saved["test_features"], saved["test_labels"]
     queries = choose_queries(labels, RETRIEVAL_QUERIES)
-    if queries.size == 0 or len(labels) < 2:
+    if queries.size == 0:
         return False
     neighbours, similarities, correct = nearest_neighbours(features, labels, queries, RETRIEVAL_NEIGHBOURS)
     shown = eval_images(config, test_source, np.concatenate([queries, neighbours.ravel()]))
     save_retrieval_grid(shown[:queries.size], shown[queries.size:].reshape(*neighbours.shape, *shown.shape[1:]),
-                        labels[queries], labels[neighbours], similarities, correct, path, run=run, step=step)
+                        labels[queries], labels[neighbours], similarities, correct, path, run=run, step=step,
+                        split=config.data.eval_split)
     return True
 
 
@@ -100,9 +110,7 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
         save_pair_grid(shown, to_uint8_image(arrays["pair_a"][:num_images], config.model),
                        to_uint8_image(arrays["pair_b"][:num_images], config.model), written[-1],
                        titles=("image", *arrays["pair_titles"]), step=step, look_for=PAIRS_LOOK_FOR,
-                       title=f"{config.method} / {config.model.name}: {variant_text(config.fgpair)}" + (
-                           f"; mean contrast over {count} test images {arrays['diagnostics']['pair_contrast']:.3f}"
-                           if "pair_contrast" in arrays.get("diagnostics", {}) else ""),
+                       title=_pairs_title(config, arrays.get("diagnostics", {}), count),
                        row_notes=[f"contrast {value:.3f}" for value in contrast])
     if arrays.get("diagnostics"):
         written.append(os.path.join(directory, "diagnostics.json"))
@@ -120,5 +128,5 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
         with np.load(features_path) as saved:
             written.append(os.path.join(directory, "embedding.png"))
             save_run_embedding(saved["test_features"], saved["test_labels"], written[-1], run=run, step=step,
-                               seed=config.seed)
+                               seed=config.seed, split=config.data.eval_split)
     return written

@@ -93,6 +93,13 @@ def test_the_2d_map_falls_back_to_pca_and_says_so(monkeypatch):
     assert coordinates.shape == (features.shape[0], 2) and "install" in how and "UMAP" in how
     assert coordinates[:, 0].var() >= coordinates[:, 1].var()  # the first principal axis comes first
     np.testing.assert_allclose(embedding.project_2d(features)[0], coordinates)  # deterministic, signs too
+    for shape in ((30, 6), (5, 9)):  # N > D (X^T X) and N < D (the Gram matrix)
+        x = rng.normal(size=shape) * np.linspace(3, 1, shape[1])
+        centred = x - x.mean(axis=0)
+        reference = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+        got = embedding.principal_components(x, 2)
+        np.testing.assert_allclose(np.abs(got), np.abs(reference), atol=1e-9)  # the same up to each axis' sign
+    assert embedding.principal_components(np.ones((1, 4)), 2).shape == (1, 2)
     assert embedding.coloured_classes(np.arange(100)).tolist()[:3] == [0, 5, 10]
     assert embedding.coloured_classes(np.arange(100)).size == embedding.MAX_COLOURED_CLASSES
 
@@ -115,12 +122,14 @@ def test_one_seed_draws_no_ci_bar():
     assert table.error_bar(1.25) == 1.25
     assert table.bar_label(68.5, float("nan"), 1) == "68.50\n(n=1, no CI)"
     assert table.bar_label(float("nan"), float("nan"), 2) == "n/a"
-    one_seed = {"moco": {"seeds": [0], "metrics": {"linear_top1": (76.0, math.nan), "retrieval_rank1": (60.0, math.nan)}},
-                "init": {"seeds": [0], "metrics": {"linear_top1": (80.0, math.nan), "retrieval_rank1": (68.0, math.nan)}}}
+    def entry(seeds, top1, rank1):
+        return {"seeds": seeds, "metrics": {"linear_top1": top1, "retrieval_rank1": rank1}}
+
+    one_seed = {"moco": entry([0], (76.0, math.nan), (60.0, math.nan)),
+                "init": entry([0], (80.0, math.nan), (68.0, math.nan))}
     figure = table.table_figure(one_seed, "cub")
     assert not [c for ax in figure.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert all(ax.get_ylim()[0] == 0 for ax in figure.axes)
-    three_seeds = dict(one_seed, fgpair={"seeds": [0, 1, 2], "metrics": {"linear_top1": (75.0, 1.0),
-                                                                         "retrieval_rank1": (61.0, 2.0)}})
+    three_seeds = dict(one_seed, fgpair=entry([0, 1, 2], (75.0, 1.0), (61.0, 2.0)))
     bars = [c for ax in table.table_figure(three_seeds).axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 2  # one per panel: fgpair's, the only arm with an interval

@@ -14,6 +14,7 @@ import os
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from scipy import linalg as scipy_linalg
 
 from fgpair_jax.evaluation.retrieval import l2_normalize
 from fgpair_jax.figures.images import save, step_text, text_inches, wrapped
@@ -39,13 +40,22 @@ def _umap():
 
 def principal_components(features: np.ndarray, count: int) -> np.ndarray:
     """[N, count] float64 coordinates of the centred `features` [N, D] on their first `count` principal
-    axes (SVD), each axis signed so that its largest-magnitude loading is positive (deterministic)."""
+    axes, each signed so that its largest-magnitude loading is positive (deterministic); axes beyond
+    min(N, D) are zeros. The top eigenvectors of the smaller of X^T X and X X^T (scipy's subset `eigh`):
+    several times less CPU than a full SVD at N, D in the thousands."""
     centred = np.asarray(features, np.float64) - np.mean(features, axis=0, dtype=np.float64)
-    _, _, axes = np.linalg.svd(centred, full_matrices=False)
-    axes = axes[:count]
-    if axes.shape[0] < count:  # fewer images or dimensions than axes asked for: the rest are zeros
-        axes = np.concatenate([axes, np.zeros((count - axes.shape[0], axes.shape[1]))])
-    signs = np.sign(axes[np.arange(axes.shape[0]), np.argmax(np.abs(axes), axis=1)])
+    n, d = centred.shape
+    k = min(count, n, d)
+    if d <= n:
+        _, vectors = scipy_linalg.eigh(centred.T @ centred, subset_by_index=[d - k, d - 1])
+        axes = vectors[:, ::-1].T
+    else:  # the axes from the Gram matrix's eigenvectors u: X^T u / ||X^T u||
+        _, vectors = scipy_linalg.eigh(centred @ centred.T, subset_by_index=[n - k, n - 1])
+        axes = (centred.T @ vectors[:, ::-1]).T
+        axes /= np.maximum(np.linalg.norm(axes, axis=1, keepdims=True), 1e-300)
+    if k < count:
+        axes = np.concatenate([axes, np.zeros((count - k, d))])
+    signs = np.sign(axes[np.arange(count), np.argmax(np.abs(axes), axis=1)])
     return centred @ (axes * np.where(signs == 0, 1.0, signs)[:, None]).T
 
 
@@ -115,11 +125,13 @@ def save_embeddings(panels, path: str, heading: str) -> None:
     save(fig, path)
 
 
-def save_run_embedding(features, labels, path: str, run: str = "", step=None, seed: int = 0) -> str:
-    """embedding.png of one run's test features [N, D] and labels [N]; returns the projection's phrase."""
+def save_run_embedding(features, labels, path: str, run: str = "", step=None, seed: int = 0,
+                       split: str = "test") -> str:
+    """embedding.png of one run's features [N, D] and labels [N] of the evaluated `split`; returns the
+    projection's phrase (`project_2d`)."""
     coordinates, how = project_2d(features, seed)
-    save_embeddings([(coordinates, labels, f"{run}{step_text(step)}" if run else f"test features{step_text(step)}")],
-                    path, f"Test features in 2-D: {how} of the L2-normalised features")
+    save_embeddings([(coordinates, labels, f"{run or 'features'}{step_text(step)}")], path,
+                    f"Features of the {split} split in 2-D: {how} of the L2-normalised features")
     return how
 
 
@@ -161,7 +173,7 @@ def write_side_by_side(results: str, runs: dict):
         panels.append((coordinates, labels, _panel_title(f"{arm}_seed{seed}", metrics)))
     (a, seed), (b, _) = pair
     path = os.path.join(results, f"embedding_{a}_vs_{b}_seed{seed}.png")
-    save_embeddings(panels, path, f"Test features of {a} and {b} (seed {seed}) in 2-D: {how} of the "
+    save_embeddings(panels, path, f"Features of the evaluated split, {a} and {b} (seed {seed}), in 2-D: {how} of the "
                                   "L2-normalised features, each panel its own projection (compare how tight "
                                   "the classes are, not where they lie)")
     return path

@@ -16,7 +16,8 @@ def save_gradcam_overlays(images: np.ndarray, cams: np.ndarray, path: str, colum
     step and what to look for. `run` (e.g. 'fgpair / resnet18') opens the title."""
     columns = max(1, min(columns, len(images)))
     title = f"{run + ': ' if run else ''}test images and Grad-CAM of the SSL loss{step_text(step)}"
-    fig, axes = image_grid(2 * int(np.ceil(len(images) / columns)), columns, 1.6, 1.6, title=wrapped(title, 15 * columns),
+    rows = 2 * int(np.ceil(len(images) / columns))
+    fig, axes = image_grid(rows, columns, 1.6, 1.6, title=wrapped(title, 15 * columns),
                            note=wrapped(LOOK_FOR, 17 * columns))
     fig.subplots_adjust(right=0.9)
     for i, (image, cam) in enumerate(zip(images, cams)):

@@ -6,10 +6,10 @@ import numpy as np
 from fgpair_jax.evaluation.retrieval import check_features_and_labels, cosine_similarities, l2_normalize
 from fgpair_jax.figures.images import CORRECT, QUERY, WRONG, frame, image_grid, save, step_text, wrapped
 
-LOOK_FOR = ("Each row: a test query (blue frame) and the k other test images most cosine-similar to it in the "
+LOOK_FOR = ("Each row: a query (blue frame) and the k other images of the split most cosine-similar to it in the "
             "encoder's features, most similar first, as the retrieval metrics rank them (leave-one-out on the "
-            "evaluated split). Green frame and \u2713: same class as the query; red and \u2717: another class. Good features put "
-            "green frames first; red neighbours show which classes the encoder confuses.")
+            "evaluated split). Green frame and \u2713: same class as the query; red and \u2717: another class. "
+            "Good features put green frames first; red neighbours show which classes the encoder confuses.")
 
 
 def choose_queries(labels, count: int) -> np.ndarray:
@@ -43,14 +43,14 @@ def nearest_neighbours(features, labels, queries, k: int = 5):
 
 
 def save_retrieval_grid(query_images, neighbour_images, query_labels, neighbour_labels, similarities, correct,
-                        path: str, run: str = "", step=None) -> None:
+                        path: str, run: str = "", step=None, split: str = "test") -> None:
     """One row per query: the query ([Q, S, S, 3] uint8) then its k neighbours ([Q, k, S, S, 3] uint8),
     each titled with its class id and cosine similarity and framed green (`correct` [Q, k] True) or red;
-    the title gives the run, the step and these queries' rank-1 and rank-k hits."""
+    the title gives the run, the evaluated `split`, the step and these queries' rank-1 and rank-k hits."""
     correct = np.asarray(correct)
     count, k = correct.shape
-    heading = (f"{run + ': ' if run else ''}test retrieval{step_text(step)}: top-{k} cosine neighbours of {count} "
-               f"queries; rank-1 correct {int(correct[:, 0].sum())}/{count}, "
+    heading = (f"{run + ': ' if run else ''}{split}-split retrieval{step_text(step)}: top-{k} cosine neighbours "
+               f"of {count} queries; rank-1 correct {int(correct[:, 0].sum())}/{count}, "
                f"rank-{k} {int(correct.any(axis=1).sum())}/{count}")
     fig, axes = image_grid(count, k + 1, 1.55, 1.75, title=wrapped(heading, 17 * (k + 1)),
                            note=wrapped(LOOK_FOR, 20 * (k + 1)))
@@ -62,7 +62,7 @@ def save_retrieval_grid(query_images, neighbour_images, query_labels, neighbour_
             ax = axes[row, j + 1]
             ax.imshow(neighbour_images[row][j])
             mark = "\u2713" if correct[row][j] else "\u2717"  # check / cross: not by colour alone
-            ax.set_title(f"#{j + 1} {mark} class {int(neighbour_labels[row][j])}\ncos {similarities[row][j]:.3f}", fontsize=7,
-                         color=CORRECT if correct[row][j] else WRONG)
+            ax.set_title(f"#{j + 1} {mark} class {int(neighbour_labels[row][j])}\ncos {similarities[row][j]:.3f}",
+                         fontsize=7, color=CORRECT if correct[row][j] else WRONG)
             frame(ax, CORRECT if correct[row][j] else WRONG)
     save(fig, path)

@@ -36,7 +36,7 @@ def table_figure(summary: dict, data: str = "", baseline: str = "moco", referenc
     each arm, CI bars only where `error_bar` gives one; `reference` (not a method) hatched, with a dashed
     line at its value; `baseline` in grey."""
     arms = list(summary)
-    fig = Figure(figsize=(max(10.0, 1.45 * len(arms) * 2), 4.8))
+    fig = Figure(figsize=(max(10.0, 1.9 * len(arms)), 4.8))
     axes = fig.subplots(1, 2)
     positions = np.arange(len(arms))
     kind = {arm: "baseline" if arm == baseline else "reference" if arm == reference else "method" for arm in arms}
@@ -55,8 +55,9 @@ def table_figure(summary: dict, data: str = "", baseline: str = "moco", referenc
             text = bar_label(mean, half, len(summary[arm]["seeds"]))
             below = means[i] - (error_bar(half) or 0.0) - 2.0  # inside the bar, under its error bar
             if below > 15:
-                axis.text(i, below, text, ha="center", va="top", fontsize=7,
-                          color="k" if kind[arm] == "reference" else "w", fontweight="bold")
+                on_hatch = kind[arm] == "reference"
+                axis.text(i, below, text, ha="center", va="top", fontsize=7, color="k" if on_hatch else "w",
+                          fontweight="bold", bbox={"facecolor": "w", "edgecolor": "none", "pad": 1} if on_hatch else None)
             else:
                 axis.text(i, means[i] + (error_bar(half) or 0.0) + 1.5, text, ha="center", va="bottom", fontsize=7)
         if reference in arms:
@@ -67,8 +68,8 @@ def table_figure(summary: dict, data: str = "", baseline: str = "moco", referenc
         axis.set_ylim(0, 100)
         axis.set_ylabel("percent (axis from 0)", fontsize=8)
         axis.set_title(title, fontsize=10)
-    legend = [Patch(facecolor=COLOURS["baseline"], label=f"{baseline} (the baseline)"),
-              Patch(facecolor=COLOURS["method"], label="methods and ablations")]
+    legend = [Patch(facecolor=COLOURS["baseline"], label=f"{baseline} (the baseline)")] if baseline in arms else []
+    legend.append(Patch(facecolor=COLOURS["method"], label="methods and ablations"))
     if reference in arms:
         legend.append(Patch(facecolor=COLOURS["reference"], hatch="//", label=f"{reference}: the start encoder, "
                             "no SSL step (reference; dashed line)"))
