@@ -49,5 +49,8 @@ setup(
                 "safetensors>=0.4", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
         # To look at <workdir>/tensorboard (written by tensorboardX without TensorFlow): tensorboard --logdir.
         "tensorboard": ["tensorboard>=2.16"],
+        # UMAP instead of PCA in the 2-D maps of the test features (figures/embedding.py). Optional: it brings
+        # numba, llvmlite, pynndescent and scikit-learn, and costs minutes of a loaded 2-core CPU per run.
+        "umap": ["umap-learn>=0.5.5"],
     },
 )

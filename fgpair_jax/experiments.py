@@ -248,24 +248,11 @@ def markdown_table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: str, data: str = "") -> None:
-    """Bar chart: linear top-1 and retrieval rank-1 per arm with 95% CI error bars."""
-    from matplotlib.figure import Figure  # object-oriented: no pyplot, no global backend switch
+    """plot.png: linear top-1 and retrieval rank-1 per arm from 0 to 100%, with a 95% CI bar only where
+    an arm has two or more seeds, and the `init` reference marked (`figures.table`)."""
+    from fgpair_jax.figures.table import save_table_plot  # matplotlib: imported only to draw
 
-    arms = list(summary)
-    fig = Figure(figsize=(10, 3.8))
-    axes = fig.subplots(1, 2)
-    for axis, metric, title in zip(axes, ("linear_top1", "retrieval_rank1"), ("linear probe top-1 (%)",
-                                                                             "retrieval rank-1 (%)")):
-        means = [np.nan_to_num(summary[a]["metrics"][metric][0]) for a in arms]  # n/a: an empty bar
-        errors = [np.nan_to_num(summary[a]["metrics"][metric][1]) for a in arms]
-        axis.bar(arms, means, yerr=errors, capsize=4, color=[{BASELINE: "#888", REFERENCE: "#ccc"}.get(a, "#3a7") for a in arms])
-        low = min(m - e for m, e in zip(means, errors))
-        axis.set_ylim(max(0.0, low - 3), max(m + e for m, e in zip(means, errors)) + 2)
-        axis.set_title(title)
-        axis.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{data}: mean ± 95% CI over seeds" if data else "mean ± 95% CI over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_table_plot(summary, path, data, baseline=BASELINE, reference=REFERENCE)
 
 
 def finished_features(root: str, arms=None, seeds=None) -> dict:
@@ -337,8 +324,9 @@ def selected(records: list, arms=None, seeds=None) -> list:
 
 def write_report(results: str, root: str = "", arms=None, seeds=None) -> dict:
     """summary.json, table.md and plot.png under `results` from the finished runs there of `arms` x
-    `seeds` (None: every one), and, given `root`, feature_drift.json from the features those runs'
-    workdirs still hold (once, at the end: it costs a few D x D products per pair of runs). Returns the
+    `seeds` (None: every one), and, given `root`, feature_drift.json and the side-by-side 2-D map of two
+    runs' test features (`figures.embedding.write_side_by_side`) from the features those runs' workdirs
+    still hold (once, at the end: a few D x D products per pair of runs, and a UMAP per map). Returns the
     summary ({} and nothing written when none of those runs has finished).
 
     Raises:
@@ -357,6 +345,9 @@ def write_report(results: str, root: str = "", arms=None, seeds=None) -> dict:
     if runs:
         with open(os.path.join(results, "feature_drift.json"), "w") as f:
             json.dump(feature_drift(runs), f, indent=2, sort_keys=True)
+        from fgpair_jax.figures.embedding import write_side_by_side  # matplotlib, maybe UMAP: only here
+
+        write_side_by_side(results, runs)
     return summary
 
 

@@ -1,9 +1,14 @@
-"""Figures in `<workdir>/figures/`: Grad-CAM overlays, synthesized-pair triplets, loss curves.
+"""`write_figures`: every figure of a run in `<workdir>/figures/` (drawn by `fgpair_jax/figures/`).
 
-They are how a person checks the method is doing what it claims: Grad-CAM should sit on the bird, and
-the two images of a synthesized pair should differ only in details the encoder is asked to ignore.
-What a method shows is its own (`Method.figure_arrays`); this module only draws. It uses matplotlib's
-object-oriented `Figure` (no pyplot, no backend switch), so importing it changes no global state.
+  gradcam.png       test images and Grad-CAM of the SSL loss (should sit on the object), colour bar, step
+  pairs.png         fgpair: each image beside its synthesized pair, the variant, per-pair contrast
+  diagnostics.json  fgpair: the pair's numbers (`fgpair.pair_diagnostics`)
+  loss_curves.png   each loss term, the total's formula and the config's warm-up / ramp
+  retrieval.png     test queries and their top-5 cosine neighbours, green same class / red another
+  embedding.png     the test features in 2-D (UMAP with `.[umap]`, else PCA) coloured by class
+
+They are how a person checks the method is doing what it claims. What a method shows is its own
+(`Method.figure_arrays`); the figures only draw.
 """
 import json
 import os
@@ -11,128 +16,117 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.figure import Figure
 
 from fgpair_jax.data import augment, nuisance, pipeline
+from fgpair_jax.figures.embedding import save_run_embedding
+from fgpair_jax.figures.gradcam import save_gradcam_overlays
+from fgpair_jax.figures.images import to_uint8_image
+from fgpair_jax.figures.losses import save_loss_curves
+from fgpair_jax.figures.pairs import LOOK_FOR as PAIRS_LOOK_FOR, save_pair_grid, variant_text
+from fgpair_jax.figures.retrieval import choose_queries, nearest_neighbours, save_retrieval_grid
 from fgpair_jax.methods import get_method
-from fgpair_jax.metrics_writer import read_jsonl
 from fgpair_jax.models import input_normalization
 
-# Panels of the loss figure, in order: the total, each term, and the weight that switches a term on.
-LOSS_CURVES = ("loss", "loss_contrastive", "loss_ssl", "output_std", "loss_reconstruction", "loss_pair", "loss_attention_kl", "pair_weight")
+RETRIEVAL_QUERIES, RETRIEVAL_NEIGHBOURS = 6, 5
 
 
-def to_uint8_image(normalized: np.ndarray, model_config) -> np.ndarray:
-    """Encoder-space (normalised) float images -> displayable uint8 RGB."""
-    mean, std = (np.asarray(v) for v in input_normalization(model_config))
-    return (np.clip(normalized * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8)
+def run_label(config) -> str:
+    """What trained, for figure titles: 'fgpair (base simsiam) / resnet18', 'moco / resnet18'."""
+    method = f"{config.method} (base {config.fgpair.base})" if config.method == "fgpair" else config.method
+    return f"{method} / {config.model.name}"
 
 
-def _hidden_axes(rows: int, columns: int, width: float, height: float):
-    fig = Figure(figsize=(width * columns, height * rows))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    return fig, axes
+def eval_images(config, test_source, indices) -> np.ndarray:
+    """[len(indices), S, S, 3] uint8: the test images at `indices` as the evaluation encodes them
+    (centre crop, and the run's evaluation nuisance, `nuisance.eval_image`)."""
+    shown_nuisance = nuisance.Nuisance.of_config(config)
+    return np.stack([nuisance.eval_image(pipeline.eval_transform(test_source[int(i)]["image"], config.data.image_size,
+                                                                 config.data.eval_crop_fraction),
+                                         int(i), shown_nuisance) for i in indices])
 
 
-def save_gradcam_overlays(images: np.ndarray, cams: np.ndarray, path: str, columns: int = 8) -> None:
-    """Each image above itself overlaid with its Grad-CAM map ([B, S, S] in [0, 1])."""
-    fig, axes = _hidden_axes(2 * int(np.ceil(len(images) / columns)), columns, 1.6, 1.6)
-    for i, (image, cam) in enumerate(zip(images, cams)):
-        row, col = 2 * (i // columns), i % columns
-        axes[row, col].imshow(image)
-        axes[row + 1, col].imshow(image)
-        axes[row + 1, col].imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    fig.suptitle("Test images and Grad-CAM of the SSL loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def _per_pair_contrast(pair_a, pair_b, batch) -> list:
+    """Each shown pair's `fgpair.contrast_ratio` against the whole figure batch (their mean over the batch
+    is diagnostics.json's pair_contrast), as Python floats."""
+    from fgpair_jax.methods import fgpair
+
+    return [float(fgpair.contrast_ratio(pair_a[i:i + 1], pair_b[i:i + 1], batch)) for i in range(len(pair_a))]
 
 
-def save_pair_grid(images: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, path: str,
-                   titles=("image", "x_a = d(h)", "x_b = d(h') (perturbed)")) -> None:
-    """One row per image: the image and the two images of its synthesized pair, side by side."""
-    fig, axes = _hidden_axes(len(images), 3, 5.0 / 3, 1.7)
-    for i, triplet in enumerate(zip(images, pair_a, pair_b)):
-        for j, picture in enumerate(triplet):
-            axes[i, j].imshow(picture)
-            if i == 0:
-                axes[i, j].set_title(titles[j], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def _pairs_title(config, diagnostics: dict, count: int) -> str:
+    """'fgpair / resnet18: <the variant>; mean contrast over 64 test images 0.176' (the last part when the
+    method's diagnostics give pair_contrast)."""
+    title = f"{config.method} / {config.model.name}: {variant_text(config.fgpair)}"
+    if "pair_contrast" in diagnostics:
+        title += f"; mean contrast over {count} {config.data.eval_split} images {diagnostics['pair_contrast']:.3f}"
+    return title
 
 
-def weight_phases(records: list, name: str = "pair_weight"):
-    """(last step at weight 0, first step at full weight) of a term's logged weight, or None when the
-    run logs none: the warm-up and ramp the loss figure marks."""
-    points = [(r["step"], r[name]) for r in records if name in r]
-    if not points:
-        return None
-    peak = max(weight for _, weight in points)
-    off = [step for step, weight in points if weight == 0]
-    full = [step for step, weight in points if weight >= peak and weight > 0]
-    return (max(off) if off else None), (min(full) if full else None)
-
-
-def save_loss_curves(metrics_jsonl: str, path: str) -> bool:
-    """Each loss term and the pair weight against the step, from the run's metrics.jsonl, with the
-    warm-up (weight 0, shaded) and the ramp (hatched) marked: the total rises when L_Cp switches on.
-    False (nothing written) when no step was logged, e.g. a run of zero epochs."""
-    records = read_jsonl(metrics_jsonl)
-    names = [n for n in LOSS_CURVES if any(n in r for r in records)]
-    if not names:
+def write_retrieval_figure(config, workdir: str, test_source, path: str, run: str, step) -> bool:
+    """retrieval.png from `<workdir>/eval/features.npz` (its test rows are the test source in order) and
+    the test images; False (nothing written) when the features are missing or no class has two images."""
+    features_path = os.path.join(workdir, "eval", "features.npz")
+    if not os.path.isfile(features_path):
         return False
-    phases = weight_phases(records)
-    fig = Figure(figsize=(3.2 * len(names), 2.8))
-    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-        points = [(r["step"], r[name]) for r in records if name in r]
-        ax.plot(*zip(*points))
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        if phases and phases[0] is not None:
-            ax.axvspan(0, phases[0], color="0.85", label="warm-up: L_Cp off")
-            if phases[1] is not None and phases[1] > phases[0]:
-                ax.axvspan(phases[0], phases[1], facecolor="none", hatch="//", edgecolor="0.7", label="ramp")
-    if phases and phases[0] is not None:
-        fig.axes[0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with np.load(features_path) as saved:
+        features, labels = saved["test_features"], saved["test_labels"]
+    queries = choose_queries(labels, RETRIEVAL_QUERIES)
+    if queries.size == 0:
+        return False
+    neighbours, similarities, correct = nearest_neighbours(features, labels, queries, RETRIEVAL_NEIGHBOURS)
+    shown = eval_images(config, test_source, np.concatenate([queries, neighbours.ravel()]))
+    save_retrieval_grid(shown[:queries.size], shown[queries.size:].reshape(*neighbours.shape, *shown.shape[1:]),
+                        labels[queries], labels[neighbours], similarities, correct, path, run=run, step=step,
+                        split=config.data.eval_split)
     return True
 
 
 def write_figures(config, workdir: str, state, test_source, num_images: int = 8, stats_images: int = 64) -> list:
-    """All figures of a run (process 0); returns the written paths.
+    """All figures of a finished run (process 0), after its evaluation; returns the written paths.
 
     `stats_images` test images form the batch whose statistics the method uses (e.g. fgpair's variance
-    criterion); the first `num_images` are shown.
+    criterion); the first `num_images` are shown. The retrieval and embedding figures read
+    `<workdir>/eval/features.npz`; the loss figure `<workdir>/metrics.jsonl`.
     """
     if jax.process_index() != 0:
         return []
     directory = os.path.join(workdir, "figures")
     os.makedirs(directory, exist_ok=True)
+    step = int(jax.device_get(state.step))
+    # A finished run's step is num_epochs x steps_per_epoch (run.plan): the schedule's step axis.
+    steps_per_epoch = step // config.num_epochs if config.num_epochs and step else None
+    run = run_label(config)
     count = min(stats_images, len(test_source))
     stride = max(1, len(test_source) // count)  # spread over classes (the source is class-ordered)
-    shown_nuisance = nuisance.Nuisance.of_config(config)  # the figures show what the encoder is evaluated on
-    images = np.stack([nuisance.eval_image(pipeline.eval_transform(test_source[i * stride]["image"],
-                                                                   config.data.image_size,
-                                                                   config.data.eval_crop_fraction),
-                                           i * stride, shown_nuisance) for i in range(count)])
+    images = eval_images(config, test_source, [i * stride for i in range(count)])
     normalized = augment.normalize(jnp.asarray(images), *input_normalization(config.model))
     arrays = get_method(config.method).figure_arrays(state, normalized, jax.random.key(config.seed), config)
     shown = images[:num_images]
     written = [os.path.join(directory, "gradcam.png")]
-    save_gradcam_overlays(shown, arrays["cam"][:num_images], written[-1])
+    save_gradcam_overlays(shown, arrays["cam"][:num_images], written[-1], step=step, run=run)
     if "pair_a" in arrays:
         written.append(os.path.join(directory, "pairs.png"))
+        contrast = _per_pair_contrast(arrays["pair_a"][:num_images], arrays["pair_b"][:num_images], normalized)
         save_pair_grid(shown, to_uint8_image(arrays["pair_a"][:num_images], config.model),
                        to_uint8_image(arrays["pair_b"][:num_images], config.model), written[-1],
-                       titles=("image", *arrays["pair_titles"]))
+                       titles=("image", *arrays["pair_titles"]), step=step, look_for=PAIRS_LOOK_FOR,
+                       title=_pairs_title(config, arrays.get("diagnostics", {}), count),
+                       row_notes=[f"contrast {value:.3f}" for value in contrast])
     if arrays.get("diagnostics"):
         written.append(os.path.join(directory, "diagnostics.json"))
         with open(written[-1], "w") as f:
             json.dump(arrays["diagnostics"], f, indent=2, sort_keys=True)
     metrics_jsonl = os.path.join(workdir, "metrics.jsonl")
     curves = os.path.join(directory, "loss_curves.png")
-    if os.path.exists(metrics_jsonl) and save_loss_curves(metrics_jsonl, curves):
+    if os.path.exists(metrics_jsonl) and save_loss_curves(metrics_jsonl, curves, config, steps_per_epoch):
         written.append(curves)
+    retrieval = os.path.join(directory, "retrieval.png")
+    if write_retrieval_figure(config, workdir, test_source, retrieval, run, step):
+        written.append(retrieval)
+    features_path = os.path.join(workdir, "eval", "features.npz")
+    if os.path.isfile(features_path):
+        with np.load(features_path) as saved:
+            written.append(os.path.join(directory, "embedding.png"))
+            save_run_embedding(saved["test_features"], saved["test_labels"], written[-1], run=run, step=step,
+                               seed=config.seed, split=config.data.eval_split)
     return written

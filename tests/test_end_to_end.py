@@ -53,7 +53,7 @@ def test_train_evaluate_and_reevaluate_from_the_cli(tiny_cub, tmp_path):
     assert any("knn_top1" in entry for entry in log)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     # fgpair (the default method) draws its figures; they are real PNG files.
-    for name in ("gradcam.png", "pairs.png", "loss_curves.png"):
+    for name in ("gradcam.png", "pairs.png", "loss_curves.png", "retrieval.png", "embedding.png"):
         with open(os.path.join(workdir, "figures", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
     assert any("loss_reconstruction" in entry for entry in log)

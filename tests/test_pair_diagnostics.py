@@ -1,6 +1,5 @@
-"""fgpair's pair variants and diagnostics: residual pairs, pair_contrast, L_Cp's gradient share, the
-figures that say what they show, the warm-up warning, and the linear probe's grid edge."""
-import json
+"""fgpair's pair variants and diagnostics: residual pairs, pair_contrast, L_Cp's gradient share,
+the warm-up warning, and the linear probe's grid edge."""
 import logging
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fgpair_jax import step as step_lib, viz
+from fgpair_jax import step as step_lib
 from fgpair_jax.evaluation.linear_probe import linear_probe
 from fgpair_jax.methods import fgpair
 from test_fgpair import STEP_AT_2, gradients
@@ -58,17 +57,6 @@ def test_gradient_share_is_the_pair_terms_part_of_the_encoder_gradient():
     assert share > 0 and share == pytest.approx(reference, rel=1e-3)
     assert float(step_lib.gradient_shares(without_pairs, aux_off["term_gradients"])["grad_share_pair"]) == 0.0
     assert 0.0 <= float(aux["metrics"]["pair_contrast"])
-
-
-def test_loss_figure_marks_the_warm_up_and_ramp(tmp_path):
-    records = [{"step": s, "loss": 1.0, "loss_pair": 2.0, "pair_weight": min(max(s - 4, 0) / 3, 1.0)}
-               for s in range(1, 11)]
-    assert viz.weight_phases(records) == (4, 7)
-    assert viz.weight_phases([{"step": 1, "loss": 1.0}]) is None
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert viz.save_loss_curves(str(path), str(tmp_path / "curves.png"))
-    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_run_whose_pairs_never_switch_on_warns(caplog):
