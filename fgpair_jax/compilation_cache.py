@@ -43,8 +43,10 @@ OFF = ("", "none")
 # The cache's bound on disk: the quick config's programs take ~10-50 MB, the paper config's on a GPU
 # more; 2 GiB keeps dozens of configs' programs (the tests' cache uses the same bound).
 MAX_SIZE_BYTES = 2 * 2**30
-# Programs that compile faster than this are not written: a cache entry costs a file, a lock and a read
-# per later compile, more than recompiling the many tiny programs (an array's creation, a sum) saves.
+# Programs that compile faster than this are not written. Under the size limit every write re-reads every
+# entry's date (JAX's eviction scan), so a cache of each of the ~60 small programs a run compiles (an
+# array's creation, an initialiser) would make every later write slower than those compiles are; the
+# programs worth keeping (the train step, the evaluation pass) take seconds (results/README.md, issue 27).
 MIN_COMPILE_TIME_SECS = 0.5
 # jax/_src/lru_cache.py's layout of a limited cache: "<key>-cache" (the executable), "<key>-atime" (last
 # use, time.time_ns() as 8 little-endian bytes) and ".lockfile", a filelock.FileLock around every access.
