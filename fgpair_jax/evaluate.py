@@ -27,7 +27,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fgpair_jax import checkpointing, cli, distributed, features, parallel, run, run_config
+from fgpair_jax import checkpointing, cli, compilation_cache, distributed, features, parallel, run, run_config
 from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.data import sources as data_sources
 from fgpair_jax.evaluation import HEADLINE_METRICS, MetricUnavailable
@@ -207,6 +207,7 @@ def evaluate_workdir(workdir: str, config=None, force: bool = False) -> dict:
     workdir = run_config.user_path(workdir)
     saved = run_config.load(workdir)
     config = saved if config is None else run_config.with_evaluation_overrides(saved, config)
+    compilation_cache.enable(config.compilation_cache_dir)  # the training run's compiled evaluation pass
     distributed.maybe_initialize()
     latest = latest_checkpoint_step(workdir)
     current = None if force or latest is None else current_metrics(workdir, latest, config)

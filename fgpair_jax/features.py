@@ -18,8 +18,11 @@ from all-one statistics. That holds for the updating layers only (they normalise
 statistics in train mode); frozen modules (`model.frozen_stages`) normalise with their running
 statistics even in train mode, so they keep theirs throughout.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -76,13 +79,25 @@ def _on_mesh(fn, mesh, batch_args: int = 1):
                    out_shardings=parallel.replicated(mesh))
 
 
-def make_feature_fn(config, mesh):
-    """Jitted (params, batch_stats, uint8 images [B, S, S, 3], valid bool [B]) -> [B, D] float features of
-    the method's frozen encoder (`Method.eval_features`; `valid` is False on the padding rows)."""
-    method = get_method(config.method)
+def encoder_features(config, params, batch_stats, images, valid):
+    """[B, D] float features of the method's frozen encoder (`Method.eval_features`) for uint8 images
+    [B, S, S, 3]; `valid` (bool [B]) is False on the padding rows."""
     mean, std = input_normalization(config.model)
-    return _on_mesh(lambda params, batch_stats, images, valid: method.eval_features(
-        params, batch_stats, augment.normalize(images, mean, std), config, valid=valid), mesh, batch_args=2)
+    return get_method(config.method).eval_features(params, batch_stats, augment.normalize(images, mean, std), config,
+                                                   valid=valid)
+
+
+def make_feature_fn(config, mesh):
+    """Jitted (params, batch_stats, uint8 images [B, S, S, 3], valid bool [B]) -> [B, D] float features
+    (`encoder_features`), compiled once per batch shape: every batch of `split_batches` has one shape (the
+    last one padded and masked), and the jitted function is the module-level `encoder_features` with the
+    config a static (frozen, hashable) argument, so every feature function of an equal config and mesh (the
+    kNN monitor's during training, the final evaluation's; train and test splits) shares JAX's compiled
+    program instead of compiling its own."""
+    jitted = jax.jit(encoder_features, static_argnums=0,
+                     in_shardings=(parallel.replicated(mesh),) * 2 + (parallel.batch_sharded(mesh),) * 2,
+                     out_shardings=parallel.replicated(mesh))
+    return functools.partial(jitted, ml_collections.FrozenConfigDict(config))
 
 
 def extract_features(feature_fn, params, batch_stats, source, config, mesh, split: str = "test",

@@ -74,16 +74,19 @@ KEYS_ADDED_SINCE = {
     "data.stored_short_side": 0,
     "data.reduced_decode": False,
     "data.cache_gib": 0.0,
+    # Issue 27: a cached program computes what a fresh compile does, so older runs get the cache too.
+    "compilation_cache_dir": "auto",
 }
 
-# Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are, and how an
-# op is implemented (same numbers; the batches do not depend on data.worker_count: data/pipeline.py).
+# Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are (data, compiled
+# programs), and how an op is implemented (same numbers; the batches do not depend on data.worker_count:
+# data/pipeline.py).
 # Every other key defines what trains and must stay as it was.
 MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
                         "data.manual_dir", "data.download", "data.data_dir", "data.eval_crop_fraction", "data.worker_count",
                         "data.cache_gib",
                         "model.depthwise_impl",
-                        "fgpair.log_gradient_share")
+                        "fgpair.log_gradient_share", "compilation_cache_dir")
 
 
 def override(config: ml_collections.ConfigDict, dotted: Dict[str, Any]) -> ml_collections.ConfigDict:

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from fgpair_jax import (checkpointing, distributed, evaluate, features, methods, numerics, parallel, preemption,
-                        preflight, run, run_config, viz)
+from fgpair_jax import (checkpointing, compilation_cache, distributed, evaluate, features, methods, numerics,
+                        parallel, preemption, preflight, run, run_config, viz)
 from fgpair_jax import step as step_lib
 from fgpair_jax.data import nuisance, pipeline, sources as data_sources
 from fgpair_jax.metrics_writer import MetricsWriter, Progress, announce
@@ -85,6 +85,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     was asked to stop (SIGTERM, preemption) after saving.
     """
     run_config.validate(config)  # makes no JAX call: the job is joined first
+    compilation_cache.enable(config.compilation_cache_dir)  # before the first compile: resumes and seeds reuse it
     distributed.maybe_initialize()
     config = run_config.resolved(config)
     workdir = run_config.user_path(workdir)

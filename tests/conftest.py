@@ -7,11 +7,10 @@ compile the same programs. Every program is still compiled once per clean checko
 """
 import os
 
-import jax
 import pytest
 
 from configs import cub
-from fgpair_jax import run_config
+from fgpair_jax import compilation_cache, run_config
 from fgpair_jax.data.synthetic import write_tiny_cub  # noqa: F401  (tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,15 +18,20 @@ SHARED_CUB = cub.DEFAULT_CUB_DIR
 
 
 def use_compilation_cache() -> None:
-    """Share compiled programs between tests, xdist workers and subprocesses (which inherit the env)."""
+    """Share compiled programs between tests, xdist workers and subprocesses (which inherit the env), in a
+    cache of the tests' own: a run's default (`compilation_cache_dir="auto"`) takes $JAX_COMPILATION_CACHE_DIR
+    before the user's ~/.cache/fgpair_jax/jax, and with the cache off JAX's own switch keeps it off there too.
+    Processes that do not go through `compilation_cache.enable` get the same size limit from the env."""
     default = os.path.join(REPO, ".pytest_cache", "jax_compilation_cache")
     directory = os.environ.setdefault("FGPAIR_TEST_COMPILATION_CACHE", default)
     if directory == "none":
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        compilation_cache.enable("none")
         return
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2 * 2**30)  # LRU-evicted beyond 2 GiB
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(compilation_cache.MAX_SIZE_BYTES)  # LRU-evicted beyond
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(compilation_cache.MIN_COMPILE_TIME_SECS)
+    compilation_cache.enable(directory)
 
 
 use_compilation_cache()
