@@ -115,7 +115,14 @@ def compare(reference: str, candidate: str) -> dict:
         ref_metrics = json.load(f)
     with open(os.path.join(candidate, "eval", "metrics.json")) as f:
         cand_metrics = json.load(f)
-    metric_diff = max(abs(ref_metrics[k] - cand_metrics[k]) for k in ref_metrics)
+    if ref_metrics.keys() != cand_metrics.keys():
+        raise AssertionError(f"metrics.json keys differ: {sorted(ref_metrics)} vs {sorted(cand_metrics)}")
+    numbers = [k for k, v in ref_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    others = {k: (ref_metrics[k], cand_metrics[k]) for k in ref_metrics.keys() - set(numbers)
+              if ref_metrics[k] != cand_metrics[k]}  # the evaluation config, flags, lists: equal or an error
+    if others:
+        raise AssertionError(f"metrics.json differs in non-numeric entries: {others}")
+    metric_diff = max(abs(ref_metrics[k] - cand_metrics[k]) for k in numbers)
     ref_losses, cand_losses = training_losses(reference), training_losses(candidate)
     if sorted(ref_losses) != sorted(cand_losses):
         raise AssertionError(f"logged steps differ: {sorted(ref_losses)} vs {sorted(cand_losses)}")

@@ -35,7 +35,7 @@ from fgpair_jax.atomic_files import write_atomically
 from fgpair_jax.errors import ConfigError, UserError
 from fgpair_jax.evaluation import HEADLINE_METRICS
 from fgpair_jax.evaluation.similarity import linear_cka
-from fgpair_jax.methods import BASELINE, experiment_arms
+from fgpair_jax.methods import BASELINE, COMPARED_ARMS, experiment_arms
 from fgpair_jax.metrics_writer import announce
 
 # arm -> config overrides (dotted keys): each method, each method's ablations, and `init` (a reference,
@@ -252,7 +252,7 @@ def plot(summary: dict, path: str, data: str = "") -> None:
     an arm has two or more seeds, and the `init` reference marked (`figures.table`)."""
     from fgpair_jax.figures.table import save_table_plot  # matplotlib: imported only to draw
 
-    save_table_plot(summary, path, data, baseline=BASELINE, reference=REFERENCE)
+    save_table_plot(summary, path, BASELINE, data, reference=REFERENCE)
 
 
 def finished_features(root: str, arms=None, seeds=None) -> dict:
@@ -347,7 +347,7 @@ def write_report(results: str, root: str = "", arms=None, seeds=None) -> dict:
             json.dump(feature_drift(runs), f, indent=2, sort_keys=True)
         from fgpair_jax.figures.embedding import write_side_by_side  # matplotlib, maybe UMAP: only here
 
-        write_side_by_side(results, runs)
+        write_side_by_side(results, runs, COMPARED_ARMS)
     return summary
 
 

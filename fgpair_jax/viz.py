@@ -22,7 +22,7 @@ from fgpair_jax.figures.embedding import save_run_embedding
 from fgpair_jax.figures.gradcam import save_gradcam_overlays
 from fgpair_jax.figures.images import to_uint8_image
 from fgpair_jax.figures.losses import save_loss_curves
-from fgpair_jax.figures.pairs import LOOK_FOR as PAIRS_LOOK_FOR, save_pair_grid, variant_text
+from fgpair_jax.figures.pairs import LOOK_FOR as PAIRS_LOOK_FOR, save_pair_grid
 from fgpair_jax.figures.retrieval import choose_queries, nearest_neighbours, save_retrieval_grid
 from fgpair_jax.methods import get_method
 from fgpair_jax.models import input_normalization
@@ -32,8 +32,7 @@ RETRIEVAL_QUERIES, RETRIEVAL_NEIGHBOURS = 6, 5
 
 def run_label(config) -> str:
     """What trained, for figure titles: 'fgpair (base simsiam) / resnet18', 'moco / resnet18'."""
-    method = f"{config.method} (base {config.fgpair.base})" if config.method == "fgpair" else config.method
-    return f"{method} / {config.model.name}"
+    return f"{get_method(config.method).label(config)} / {config.model.name}"
 
 
 def eval_images(config, test_source, indices) -> np.ndarray:
@@ -45,18 +44,11 @@ def eval_images(config, test_source, indices) -> np.ndarray:
                                          int(i), shown_nuisance) for i in indices])
 
 
-def _per_pair_contrast(pair_a, pair_b, batch) -> list:
-    """Each shown pair's `fgpair.contrast_ratio` against the whole figure batch (their mean over the batch
-    is diagnostics.json's pair_contrast), as Python floats."""
-    from fgpair_jax.methods import fgpair
-
-    return [float(fgpair.contrast_ratio(pair_a[i:i + 1], pair_b[i:i + 1], batch)) for i in range(len(pair_a))]
-
-
-def _pairs_title(config, diagnostics: dict, count: int) -> str:
+def _pairs_title(config, arrays: dict, count: int) -> str:
     """'fgpair / resnet18: <the variant>; mean contrast over 64 test images 0.176' (the last part when the
-    method's diagnostics give pair_contrast)."""
-    title = f"{config.method} / {config.model.name}: {variant_text(config.fgpair)}"
+    method's diagnostics give pair_contrast), from the method's `figure_arrays`."""
+    title = f"{config.method} / {config.model.name}: {arrays['pair_variant']}"
+    diagnostics = arrays.get("diagnostics", {})
     if "pair_contrast" in diagnostics:
         title += f"; mean contrast over {count} {config.data.eval_split} images {diagnostics['pair_contrast']:.3f}"
     return title
@@ -106,19 +98,19 @@ def write_figures(config, workdir: str, state, test_source, num_images: int = 8,
     save_gradcam_overlays(shown, arrays["cam"][:num_images], written[-1], step=step, run=run)
     if "pair_a" in arrays:
         written.append(os.path.join(directory, "pairs.png"))
-        contrast = _per_pair_contrast(arrays["pair_a"][:num_images], arrays["pair_b"][:num_images], normalized)
         save_pair_grid(shown, to_uint8_image(arrays["pair_a"][:num_images], config.model),
                        to_uint8_image(arrays["pair_b"][:num_images], config.model), written[-1],
                        titles=("image", *arrays["pair_titles"]), step=step, look_for=PAIRS_LOOK_FOR,
-                       title=_pairs_title(config, arrays.get("diagnostics", {}), count),
-                       row_notes=[f"contrast {value:.3f}" for value in contrast])
+                       title=_pairs_title(config, arrays, count),
+                       row_notes=[f"contrast {value:.3f}" for value in arrays["pair_contrast_each"][:num_images]])
     if arrays.get("diagnostics"):
         written.append(os.path.join(directory, "diagnostics.json"))
         with open(written[-1], "w") as f:
             json.dump(arrays["diagnostics"], f, indent=2, sort_keys=True)
     metrics_jsonl = os.path.join(workdir, "metrics.jsonl")
     curves = os.path.join(directory, "loss_curves.png")
-    if os.path.exists(metrics_jsonl) and save_loss_curves(metrics_jsonl, curves, config, steps_per_epoch):
+    if os.path.exists(metrics_jsonl) and save_loss_curves(metrics_jsonl, curves, get_method(config.method).loss_schedule(config),
+                                                                steps_per_epoch):
         written.append(curves)
     retrieval = os.path.join(directory, "retrieval.png")
     if write_retrieval_figure(config, workdir, test_source, retrieval, run, step):

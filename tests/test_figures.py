@@ -10,6 +10,7 @@ from matplotlib.container import ErrorbarContainer
 
 from conftest import tiny_config
 from fgpair_jax.figures import embedding, gradcam, losses, pairs, retrieval, table
+from fgpair_jax.methods import COMPARED_ARMS, fgpair, get_method
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +59,7 @@ def test_every_figure_writes_a_png_from_small_arrays(tmp_path):
     gradcam.save_gradcam_overlays(images, rng.random((4, 16, 16)), str(tmp_path / "gradcam.png"), step=7, run="moco")
     config = tiny_config(method="fgpair")
     pairs.save_pair_grid(images, images, images[::-1], str(tmp_path / "pairs.png"), step=7,
-                         title=pairs.variant_text(config.fgpair), row_notes=["contrast 0.1"] * 4)
+                         title=fgpair.variant_text(config), row_notes=["contrast 0.1"] * 4)
     labels = np.repeat(np.arange(3), 4)
     features = rng.normal(size=(12, 5)).astype(np.float32)
     neighbours, similarities, correct = retrieval.nearest_neighbours(features, labels, [0, 5], k=3)
@@ -70,19 +71,25 @@ def test_every_figure_writes_a_png_from_small_arrays(tmp_path):
     records = [{"step": s, "loss": 1.0 + (s > 4), "loss_pair": 2.0, "pair_weight": min(max(s - 4, 0) / 2, 1.0)}
                for s in range(1, 9)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert losses.save_loss_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss_curves.png"), config, 8)
+    assert losses.save_loss_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss_curves.png"),
+                                   get_method(config.method).loss_schedule(config), 8)
     for name in ("gradcam", "pairs", "retrieval", "embedding", "loss_curves"):
         assert is_png(tmp_path / f"{name}.png"), name
 
 
-def test_the_loss_figure_takes_its_phases_and_formula_from_the_config():
+def test_the_loss_figure_takes_its_phases_and_formula_from_the_methods_schedule():
     config = tiny_config(method="fgpair", **{"fgpair.warmup_epochs": 1.0, "fgpair.ramp_epochs": 0.5})
-    assert losses.schedule_phases(config, 46) == (47.0, 70.0)  # step s runs with epoch (s - 1) / 46's weight
-    assert losses.schedule_phases(config, None) is None
-    assert losses.schedule_phases(tiny_config(method="moco"), 46) is None
-    formula = losses.loss_formula(config)
-    assert formula.startswith("L = L_C + α·L_R + ν_t·L_Cp with α = 1,") and "epoch 1.5" in formula
-    assert losses.loss_formula(tiny_config(method="moco")) == "L = L_C, the moco loss"
+    schedule = get_method("fgpair").loss_schedule(config)
+    assert losses.schedule_phases(schedule, 46) == (47.0, 70.0)  # step s runs with epoch (s - 1) / 46's weight
+    assert losses.schedule_phases(schedule, None) is None
+    moco_schedule = get_method("moco").loss_schedule(tiny_config(method="moco"))
+    assert losses.schedule_phases(moco_schedule, 46) is None
+    assert schedule["formula"].startswith("L = L_C + α·L_R + ν_t·L_Cp with α = 1,") and "epoch 1.5" in schedule["formula"]
+    assert moco_schedule["formula"] == "L = L_C, MoCo's InfoNCE"
+    steps, weight = losses._weight_curve(schedule, 46, 80)  # the dashed curve is fgpair.pair_weight itself
+    assert weight[46] == 0.0 and weight[69] == 1.0 and 0.0 < weight[57] < 1.0  # step s: epoch (s - 1) / 46
+    no_nu = get_method("fgpair").loss_schedule(tiny_config(method="fgpair", **{"fgpair.nu": 0.0}))
+    assert losses.schedule_phases(no_nu, 46) is None
 
 
 def test_the_2d_map_falls_back_to_pca_and_says_so(monkeypatch):
@@ -111,10 +118,10 @@ def test_the_side_by_side_map_compares_moco_and_fgpair_of_a_common_seed(tmp_path
         path = tmp_path / f"{arm}_seed{seed}.npz"
         np.savez(path, test_features=rng.normal(size=(20, 4)), test_labels=np.repeat(np.arange(5), 4))
         runs[(arm, seed)] = str(path)
-    assert embedding.compared_runs(runs) == (("moco", 1), ("fgpair", 1))
-    written = embedding.write_side_by_side(str(tmp_path), runs)
+    assert embedding.compared_runs(runs, COMPARED_ARMS) == (("moco", 1), ("fgpair", 1))
+    written = embedding.write_side_by_side(str(tmp_path), runs, COMPARED_ARMS)
     assert written.endswith("embedding_moco_vs_fgpair_seed1.png") and is_png(written)
-    assert embedding.write_side_by_side(str(tmp_path), {("moco", 0): runs[("moco", 0)]}) is None
+    assert embedding.write_side_by_side(str(tmp_path), {("moco", 0): runs[("moco", 0)]}, COMPARED_ARMS) is None
 
 
 def test_one_seed_draws_no_ci_bar():
@@ -127,9 +134,9 @@ def test_one_seed_draws_no_ci_bar():
 
     one_seed = {"moco": entry([0], (76.0, math.nan), (60.0, math.nan)),
                 "init": entry([0], (80.0, math.nan), (68.0, math.nan))}
-    figure = table.table_figure(one_seed, "cub")
+    figure = table.table_figure(one_seed, "moco", "cub")
     assert not [c for ax in figure.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert all(ax.get_ylim()[0] == 0 for ax in figure.axes)
     three_seeds = dict(one_seed, fgpair=entry([0, 1, 2], (75.0, 1.0), (61.0, 2.0)))
-    bars = [c for ax in table.table_figure(three_seeds).axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    bars = [c for ax in table.table_figure(three_seeds, "moco").axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 2  # one per panel: fgpair's, the only arm with an interval

@@ -40,6 +40,9 @@ def test_pair_contrast_against_a_numpy_reference():
     expected = np.mean(np.abs(b - a)) / np.mean(np.abs(images - np.roll(images, 1, axis=0)))
     np.testing.assert_allclose(float(fgpair.contrast_ratio(a, b, images)), expected, rtol=1e-6)
     assert float(fgpair.contrast_ratio(a, a, images)) == 0.0
+    between = np.mean(np.abs(images - np.roll(images, 1, axis=0)))
+    each = [np.mean(np.abs(b[i] - a[i])) / between for i in range(3)]  # the figure's note beside each row
+    np.testing.assert_allclose(np.asarray(fgpair.contrast_ratio_each(a, b, images)), each, rtol=1e-6)
 
 
 def test_gradient_share_is_the_pair_terms_part_of_the_encoder_gradient():

@@ -22,9 +22,6 @@ from fgpair_jax.figures.images import save, step_text, text_inches, wrapped
 UMAP_MIN_POINTS = 100  # fewer images than this: PCA (UMAP's 15-neighbour graph would be most of the split)
 UMAP_NEIGHBOURS, UMAP_MIN_DIST, UMAP_INPUT_DIMS = 15, 0.1, 50
 MAX_COLOURED_CLASSES = 20  # distinguishable styles (`class_style`); further classes are drawn grey
-# The comparison table's side-by-side: (reference arm, the arm it is compared with), the first pair of
-# which both arms finished a common seed.
-COMPARED_ARMS = (("moco", "fgpair"), ("simsiam", "fgpair_simsiam"), ("byol", "fgpair_byol"))
 LOOK_FOR = ("What to look for: images of one class (one colour) should form a tight group apart from the "
             "other classes; grey points are the classes not coloured. The axes have no units.")
 
@@ -147,21 +144,22 @@ def _panel_title(run: str, metrics_path: str) -> str:
     return f"{run}: " + ", ".join(numbers) if numbers else run
 
 
-def compared_runs(runs: dict):
-    """((arm, seed), (arm, seed)) of the first `COMPARED_ARMS` pair that both finished a common seed (the
-    lowest), or None. `runs`: {(arm, seed): path of eval/features.npz} (`experiments.finished_features`)."""
-    for reference, method in COMPARED_ARMS:
+def compared_runs(runs: dict, compared_arms):
+    """((arm, seed), (arm, seed)) of the first pair of `compared_arms` ((reference arm, arm), ...:
+    `methods.COMPARED_ARMS`) that both finished a common seed (the lowest), or None. `runs`: {(arm, seed):
+    path of eval/features.npz} (`experiments.finished_features`)."""
+    for reference, method in compared_arms:
         seeds = sorted({s for a, s in runs if a == reference} & {s for a, s in runs if a == method})
         if seeds:
             return (reference, seeds[0]), (method, seeds[0])
     return None
 
 
-def write_side_by_side(results: str, runs: dict):
+def write_side_by_side(results: str, runs: dict, compared_arms):
     """`<results>/embedding_<a>_vs_<b>_seed<s>.png`: the 2-D maps of two runs' test features side by side
     (`compared_runs`), each panel its own projection titled with the run's retrieval rank-1 and linear
     top-1; returns its path, or None when no pair of runs finished."""
-    pair = compared_runs(runs)
+    pair = compared_runs(runs, compared_arms)
     if pair is None:
         return None
     panels, how = [], ""

@@ -22,55 +22,37 @@ LOSS_CURVES = tuple(PANELS)
 COLUMNS = 4  # panels in one row; more panels go into two rows
 
 
-def schedule_phases(config, steps_per_epoch):
-    """(last logged step of fgpair's warm-up, logged step where its ramp reaches full weight) as floats, from
-    `config.fgpair`'s `warmup_epochs` and `ramp_epochs` and `steps_per_epoch`, in the log's numbering: the
-    step logged as s runs with the weight of epoch (s - 1) / steps_per_epoch (`step.train_step` reads the
-    state's step before its update). None for a run without that schedule (another method, nu = 0, or an
-    unknown steps_per_epoch). The two are equal when ramp_epochs = 0."""
-    if config is None or not steps_per_epoch or config.method != "fgpair" or config.fgpair.nu <= 0:
+def schedule_phases(schedule, steps_per_epoch):
+    """(last logged step of the warm-up, logged step where the ramp reaches full weight) as floats, from
+    the method's `schedule` (`methods.Method.loss_schedule`: its 'phases' in epochs) and `steps_per_epoch`,
+    in the log's numbering: the step logged as s runs with the weight of epoch (s - 1) / steps_per_epoch
+    (`step.train_step` reads the state's step before its update). None for a schedule without phases or
+    an unknown steps_per_epoch. The two are equal without a ramp."""
+    if not schedule or not schedule.get("phases") or not steps_per_epoch:
         return None
-    warmup = config.fgpair.warmup_epochs * steps_per_epoch
-    return float(warmup + 1), float(warmup + config.fgpair.ramp_epochs * steps_per_epoch + 1)
+    warmup_end, ramp_end = schedule["phases"]
+    return float(warmup_end * steps_per_epoch + 1), float(ramp_end * steps_per_epoch + 1)
 
 
-def loss_formula(config) -> str:
-    """What the logged total is, with the config's weights, e.g. 'L = L_C + α·L_R + ν_t·L_Cp with α = 1.0,
-    ν_t = 0 until epoch 1, then linear to ν = 1.0 at epoch 1.5'; '' without a config."""
-    if config is None:
-        return ""
-    if config.method == "fgpair":
-        c = config.fgpair
-        if c.ramp_epochs > 0:
-            schedule = f"ν_t = 0 until epoch {c.warmup_epochs:g}, then linear to ν = {c.nu:g} at epoch " \
-                       f"{c.warmup_epochs + c.ramp_epochs:g}"
-        else:
-            schedule = f"ν_t = 0 until epoch {c.warmup_epochs:g}, then ν = {c.nu:g}"
-        return f"L = L_C + α·L_R + ν_t·L_Cp with α = {c.alpha:g}, {schedule} (L_C: {c.base}'s loss)"
-    if config.method == "lcr":
-        return f"L = L_C + ν·KL with ν = {config.lcr.nu:g} (L_C: MoCo's InfoNCE)"
-    return f"L = L_C, the {config.method} loss"
-
-
-def _pair_weight_curve(config, steps_per_epoch: int, last_step: int):
-    """(logged steps 1..last_step, ν_t each ran with): `fgpair.pair_weight` itself, in the log's numbering."""
-    from fgpair_jax.methods import fgpair
-
+def _weight_curve(schedule, steps_per_epoch: int, last_step: int):
+    """(logged steps 1..last_step, the weight each ran with): the schedule's own 'weight', in the log's
+    numbering."""
     steps = np.arange(1, last_step + 1)
-    return steps, np.asarray(fgpair.pair_weight(config, (steps - 1).astype(np.float32) / steps_per_epoch))
+    return steps, schedule["weight"]((steps - 1).astype(np.float32) / steps_per_epoch)
 
 
-def save_loss_curves(metrics_jsonl: str, path: str, config=None, steps_per_epoch=None) -> bool:
+def save_loss_curves(metrics_jsonl: str, path: str, schedule=None, steps_per_epoch=None) -> bool:
     """Each loss term and the pair weight against the step, from the run's metrics.jsonl (the logged
-    points, every `log_every_steps`, marked), titled with what the total is (`loss_formula`), with
-    fgpair's warm-up (shaded) and ramp (hatched) computed from `config` and `steps_per_epoch`
-    (`schedule_phases`), and an epoch axis on top when `steps_per_epoch` is known. Without a config the
-    curves alone. False (nothing written) when no step was logged, e.g. a run of zero epochs."""
+    points, every `log_every_steps`, marked), titled with what the total is (`schedule`: the method's
+    `loss_schedule(config)`, its 'formula'), with the warm-up (shaded) and ramp (hatched) of its 'phases'
+    (`schedule_phases`) and its 'weight' dashed beside the logged ν_t, and an epoch axis on top when
+    `steps_per_epoch` is known. Without a schedule the curves alone. False (nothing written) when no step
+    was logged, e.g. a run of zero epochs."""
     records = read_jsonl(metrics_jsonl)
     names = [n for n in LOSS_CURVES if any(n in r for r in records)]
     if not names:
         return False
-    phases = schedule_phases(config, steps_per_epoch)
+    phases = schedule_phases(schedule, steps_per_epoch)
     columns = len(names) if len(names) <= COLUMNS else -(-len(names) // 2)  # at most two rows
     rows = -(-len(names) // columns)
     fig = Figure(figsize=(3.6 * columns, 2.8 * rows + 1.0))
@@ -89,8 +71,8 @@ def save_loss_curves(metrics_jsonl: str, path: str, config=None, steps_per_epoch
             ax.axvspan(0, phases[0], color="0.88", label="warm-up: ν_t = 0")
             if phases[1] > phases[0]:
                 ax.axvspan(phases[0], phases[1], facecolor="none", hatch="//", edgecolor="0.7", label="ramp")
-        if name == "pair_weight" and phases:
-            ax.plot(*_pair_weight_curve(config, steps_per_epoch, max(s for s, _ in points)), color="k",
+        if name == "pair_weight" and phases and schedule.get("weight"):
+            ax.plot(*_weight_curve(schedule, steps_per_epoch, max(s for s, _ in points)), color="k",
                     linewidth=0.8, linestyle="--", label="config's schedule")
             ax.legend(fontsize=6, loc="lower right")
         if steps_per_epoch:
@@ -99,7 +81,7 @@ def save_loss_curves(metrics_jsonl: str, path: str, config=None, steps_per_epoch
             top.tick_params(labelsize=6)
     if phases:
         axes.ravel()[0].legend(fontsize=6, loc="best")
-    formula = loss_formula(config)
+    formula = (schedule or {}).get("formula", "")
     title = wrapped("Training losses" + (f": {formula}" if formula else ""), 26 * columns)
     fig.suptitle(title, fontsize=10, y=1 - 0.05 / fig.get_figheight(), va="top")
     note = "Points: the logged steps (one step's values, not epoch means)."

@@ -8,20 +8,11 @@ LOOK_FOR = ("What to look for: x_a and x_b should show the same object and diffe
             "/ mean |x_i - x_j| over different real images: 0 = the same image twice, 1 = as different as two photos.")
 
 
-def variant_text(fgpair_config) -> str:
-    """The pair's variant as a figure names it, e.g. 'criterion both (union), gaussian perturbation
-    (sigma 1.0), pair_mode decoded, decoder renders h, base moco', from a run's `config.fgpair`."""
-    c = fgpair_config
-    perturbation = f"{c.perturbation} perturbation" + (f" (sigma {c.sigma})" if c.perturbation == "gaussian" else "")
-    return (f"criterion {c.criterion} ({c.combine}), {perturbation}, pair_mode {c.pair_mode}, "
-            f"decoder renders {'A' if c.decode_from == 'feature_map' else 'h'}, base {c.base}")
-
-
 def save_pair_grid(images: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, path: str,
                    titles=("image", "x_a = d(h)", "x_b = d(h') (perturbed)"), title: str = "",
                    row_notes=None, step=None, look_for: str = "") -> None:
     """One row per image: the image and the two images of its synthesized pair ([B, S, S, 3] uint8 each),
-    side by side, under `title` (e.g. the run's variant, `variant_text`) and the step, with `row_notes`
+    side by side, under `title` (e.g. the run's variant, `fgpair.variant_text`) and the step, with `row_notes`
     ([B] strings, e.g. each pair's contrast) beside each row and `look_for` (e.g. `LOOK_FOR`) as the caption."""
     heading = f"Synthesized pairs{step_text(step)}" + (f"\n{title}" if title else "")
     fig, axes = image_grid(len(images), 3, 1.9, 1.7, title=wrapped(heading, 62),

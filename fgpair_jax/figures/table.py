@@ -30,7 +30,7 @@ def bar_label(mean, half_width, seeds: int) -> str:
     return f"{mean:.2f}\n(n={seeds}, no CI)"
 
 
-def table_figure(summary: dict, data: str = "", baseline: str = "moco", reference: str = "init") -> Figure:
+def table_figure(summary: dict, baseline: str, data: str = "", reference: str = "init") -> Figure:
     """The bar chart of `summary` (`experiments.summarize`: arm -> {'seeds', 'metrics': {metric: (mean,
     95% CI half-width)}}), y from 0 to 100 (percent), each bar labelled with its value (`bar_label`), n seeds under
     each arm, CI bars only where `error_bar` gives one; `reference` (not a method) hatched, with a dashed
@@ -81,6 +81,6 @@ def table_figure(summary: dict, data: str = "", baseline: str = "moco", referenc
     return fig
 
 
-def save_table_plot(summary: dict, path: str, data: str = "", baseline: str = "moco", reference: str = "init") -> None:
+def save_table_plot(summary: dict, path: str, baseline: str, data: str = "", reference: str = "init") -> None:
     """`table_figure` written to `path` (PNG)."""
-    save(table_figure(summary, data, baseline, reference), path, dpi=110)
+    save(table_figure(summary, baseline, data, reference), path, dpi=110)

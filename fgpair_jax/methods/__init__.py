@@ -58,7 +58,18 @@ class Method(Protocol):
     def figure_arrays(self, state, images, rng, config) -> dict:
         """What the figures show for normalised [B, S, S, 3] images: 'cam' [B, S, S] in [0, 1]; a method
         that synthesizes pairs adds 'pair_a' / 'pair_b' [B, S, S, 3] (normalised), 'pair_titles' (two
-        strings: what each image is) and 'diagnostics' ({name: float}, written to diagnostics.json)."""
+        strings: what each image is), 'pair_variant' (a string: how the pairs were made, the figure's title),
+        'pair_contrast_each' ([B] floats: how much each pair's two images differ, a note beside each row) and
+        'diagnostics' ({name: float}, written to diagnostics.json)."""
+
+    def label(self, config) -> str:
+        """What trained, as figure titles name it: 'moco', 'fgpair (base simsiam)'."""
+
+    def loss_schedule(self, config) -> dict:
+        """What loss_curves.png says of the logged total (`figures.losses`): 'formula' (str: what the total
+        is, with the config's weights); a method with a loss weight that switches on during training adds
+        'phases' ((epoch its warm-up ends, epoch its ramp reaches full weight), floats, equal without a
+        ramp) and 'weight' (a function of float epochs [N] -> that weight at each, a numpy array [N])."""
 
     def config_sections(self, flat: Dict[str, Any]) -> set:
         """The config sections named after methods that this method reads ({'moco'} for moco, {'lcr', 'moco'}
@@ -78,6 +89,9 @@ class Method(Protocol):
 
 METHODS: Dict[str, Method] = {"moco": moco, "lcr": lcr, "fgpair": fgpair, "simsiam": simsiam, "byol": byol}
 BASELINE = "moco"  # the method every gain is measured against (experiments.py)
+# (reference arm, the arm compared with it): the pairs of arms the comparison's side-by-side figures
+# draw, the first pair that both finished a common seed (`figures.embedding.compared_runs`).
+COMPARED_ARMS: Tuple[Tuple[str, str], ...] = fgpair.COMPARED_ARMS
 
 
 def get_method(name: str) -> Method:

@@ -176,6 +176,15 @@ def figure_query_and_loss(state, images, config):
                                                 train=False)
 
 
+label = moco.label  # the method's name
+
+
+def loss_schedule(config) -> dict:
+    """`methods.Method.loss_schedule`: the symmetrised regression loss alone, no schedule."""
+    del config
+    return {"formula": "L = L_C, BYOL's regression loss of the two views"}
+
+
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM [B, S, S] of the BYOL loss} as numpy."""
     del rng

@@ -27,6 +27,7 @@ with their own batch statistics, but their statistic updates are discarded.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -53,6 +54,8 @@ ABLATIONS = {"fgpair": {"fgpair.criterion": "both"},
              # The synthesized-pair idea on a negative-free base (compare with the `simsiam` / `byol` arms).
              "fgpair_simsiam": {"fgpair.criterion": "both", "fgpair.base": "simsiam"},
              "fgpair_byol": {"fgpair.criterion": "both", "fgpair.base": "byol"}}
+# (the base's arm, the fgpair arm on that base): the pairs a comparison shows side by side, in order.
+COMPARED_ARMS = (("moco", "fgpair"), ("simsiam", "fgpair_simsiam"), ("byol", "fgpair_byol"))
 DECODER_OPTIMIZERS = ("adam", "sgd")
 # How the pair is made from the decoder's renderings d(h), d(h') and the real view x (`pair_images`);
 # the titles' {h} is what the decoder renders (`pair_titles`).
@@ -244,14 +247,20 @@ def pair_images(reconstruction, rendered_perturbed, real, config):
     raise ValueError(f"config.fgpair.pair_mode={config.fgpair.pair_mode!r}: use one of {tuple(PAIR_MODES)}.")
 
 
-def contrast_ratio(image_a, image_b, images) -> jax.Array:
-    """`pair_contrast`, a float32 scalar: mean |x_b - x_a| over the pairs (`image_a`, `image_b`
+def contrast_ratio_each(image_a, image_b, images) -> jax.Array:
+    """Each pair's contrast, float32 [b]: mean |x_b - x_a| over one pair's pixels (`image_a`, `image_b`
     [b, S, S, 3]) / mean |x_i - x_j| over pairs of different real images (each image of `images`
     [B, S, S, 3], B >= 2, against the next one; same normalisation). 0 means the pair is one image twice;
     1 means its images differ as much as two different photos do. This project's diagnostic (issue 14),
     not the paper's."""
     between_images = jnp.mean(jnp.abs(images - jnp.roll(images, 1, axis=0)))
-    return jnp.mean(jnp.abs(image_b - image_a)) / jnp.maximum(between_images, 1e-12)
+    return jnp.mean(jnp.abs(image_b - image_a), axis=(1, 2, 3)) / jnp.maximum(between_images, 1e-12)
+
+
+def contrast_ratio(image_a, image_b, images) -> jax.Array:
+    """`pair_contrast`, a float32 scalar: the mean of `contrast_ratio_each` over the pairs, i.e. mean
+    |x_b - x_a| over all pairs' pixels / mean |x_i - x_j| over different real images."""
+    return jnp.mean(contrast_ratio_each(image_a, image_b, images))
 
 
 def synthesized_pair_loss(params, state, image_a, image_b, rng, config):
@@ -311,10 +320,41 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     return total, aux
 
 
+def label(config) -> str:
+    """`methods.Method.label`: the method and its base, e.g. 'fgpair (base simsiam)'."""
+    return f"{config.method} (base {config.fgpair.base})"
+
+
+def variant_text(config) -> str:
+    """The pair's variant as a figure names it, e.g. 'criterion both (union), gaussian perturbation
+    (sigma 1.0), pair_mode decoded, decoder renders h, base moco', from a run's `config.fgpair`."""
+    c = config.fgpair
+    perturbation = f"{c.perturbation} perturbation" + (f" (sigma {c.sigma})" if c.perturbation == "gaussian" else "")
+    return (f"criterion {c.criterion} ({c.combine}), {perturbation}, pair_mode {c.pair_mode}, "
+            f"decoder renders {'A' if c.decode_from == 'feature_map' else 'h'}, base {c.base}")
+
+
+def loss_schedule(config) -> dict:
+    """`methods.Method.loss_schedule`: the paper's total with the config's alpha and nu_t schedule; the
+    phases and the weight (`pair_weight`) when nu > 0."""
+    c = config.fgpair
+    if c.ramp_epochs > 0:
+        schedule = f"ν_t = 0 until epoch {c.warmup_epochs:g}, then linear to ν = {c.nu:g} at epoch " \
+                   f"{c.warmup_epochs + c.ramp_epochs:g}"
+    else:
+        schedule = f"ν_t = 0 until epoch {c.warmup_epochs:g}, then ν = {c.nu:g}"
+    described = {"formula": f"L = L_C + α·L_R + ν_t·L_Cp with α = {c.alpha:g}, {schedule} (L_C: {c.base}'s loss)"}
+    if c.nu > 0:
+        described["phases"] = (float(c.warmup_epochs), float(c.warmup_epochs + c.ramp_epochs))
+        described["weight"] = lambda epochs: np.asarray(pair_weight(config, jnp.asarray(epochs, jnp.float32)))
+    return described
+
+
 def figure_arrays(state, images, rng, config) -> dict:
     """MoCo's Grad-CAM figure plus the synthesized pair of each image: 'pair_a', 'pair_b' (normalised
-    [B, S, S, 3], made as `fgpair.pair_mode` makes them), 'pair_titles' (what each shows), the 'mask' [D]
-    and 'diagnostics' (`pair_diagnostics`). The mask uses a training step's criteria on `images` as the
+    [B, S, S, 3], made as `fgpair.pair_mode` makes them), 'pair_titles' (what each shows), 'pair_variant'
+    (`variant_text`), 'pair_contrast_each' ([B] float32, `contrast_ratio_each` against the figure batch),
+    the 'mask' [D] and 'diagnostics' (`pair_diagnostics`). The mask uses a training step's criteria on `images` as the
     batch (the state's variance EMA when the run ranks by it), with the frozen encoder's running BN
     statistics and no augmentation, so it is the figure batch's mask, not a training batch's."""
     mask_rng, perturb_rng = jax.random.split(rng)
@@ -327,8 +367,9 @@ def figure_arrays(state, images, rng, config) -> dict:
     reconstruction, rendered_perturbed = synthesize_pair(state.params, decoder_input(query, config), mask,
                                                          perturb_rng, config)
     pair_a, pair_b = pair_images(reconstruction, rendered_perturbed, images, config)
-    out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask}))
-    out["pair_titles"] = pair_titles(config)
+    out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask,
+                               "pair_contrast_each": contrast_ratio_each(pair_a, pair_b, images)}))
+    out["pair_titles"], out["pair_variant"] = pair_titles(config), variant_text(config)
     out["diagnostics"] = pair_diagnostics(state, images, query.pooled, pair_a, pair_b, config)
     return out
 

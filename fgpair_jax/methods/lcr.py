@@ -78,6 +78,12 @@ def config_sections(flat: dict) -> set:
     return {"lcr", "moco"}
 optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
+label = moco.label
+
+
+def loss_schedule(config) -> dict:
+    """`methods.Method.loss_schedule`: InfoNCE plus the attention KL at a constant weight."""
+    return {"formula": f"L = L_C + ν·KL with ν = {config.lcr.nu:g} (L_C: MoCo's InfoNCE)"}
 EVAL_MINMAX = ("batch", "image")
 MINMAX_EPS = 1e-7  # builder.py max_mask / inference: img / (1e-7 + torch.max(img))
 

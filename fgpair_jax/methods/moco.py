@@ -274,6 +274,17 @@ def frozen_embeddings(state, images, config):
     return query, keys
 
 
+def label(config) -> str:
+    """`methods.Method.label`: the method's name (`config.method`)."""
+    return config.method
+
+
+def loss_schedule(config) -> dict:
+    """`methods.Method.loss_schedule`: InfoNCE alone, no schedule."""
+    del config
+    return {"formula": "L = L_C, MoCo's InfoNCE"}
+
+
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM of the SSL loss} (`gradcam_of_ssl_loss`) as numpy."""
     del rng

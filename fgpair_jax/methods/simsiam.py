@@ -203,6 +203,15 @@ def figure_query_and_loss(state, images, config):
                                                 train=False)
 
 
+label = moco.label  # the method's name
+
+
+def loss_schedule(config) -> dict:
+    """`methods.Method.loss_schedule`: the symmetric negative cosine alone, no schedule."""
+    del config
+    return {"formula": "L = L_C, SimSiam's symmetric negative cosine"}
+
+
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM [B, S, S] of the SimSiam loss} as numpy."""
     del rng
