@@ -63,9 +63,34 @@ def train_step(state: TrainState, batch: dict, *, config, tx: optax.GradientTran
     grad_norm = optax.tree.norm(grads)
     finite = numerics.is_finite_step(aux["metrics"]["loss"], grad_norm)
     next_state = numerics.guard_update(finite, next_state, state)
-    metrics = dict(aux["metrics"], grad_norm=grad_norm, finite=finite,
-                   **gradient_shares(grads, aux.get("term_gradients", {})))
+    logged = is_logged_step(state.step + 1, config.log_every_steps, config.num_epochs * steps_per_epoch)
+    shares = logged_gradient_shares(logged, grads, lambda: method.term_gradients(state.params, state, aux, config))
+    metrics = dict(aux["metrics"], grad_norm=grad_norm, finite=finite, **shares)
     return next_state, metrics
+
+
+def is_logged_step(step, log_every_steps: int, total_steps: int):
+    """Whether the step numbered `step` (1-based, after its update; int or int32 array) has its metrics
+    written: every `log_every_steps`-th and the last (`train.train_and_evaluate`'s rule)."""
+    return (step % log_every_steps == 0) | (step == total_steps)
+
+
+def logged_gradient_shares(logged, grads, term_gradients) -> dict:
+    """`gradient_shares` of `term_gradients()` (a thunk: the method's `term_gradients`) computed only when
+    `logged` (a bool scalar) under `lax.cond`, NaN otherwise (not measured: `train._mean_metrics` leaves
+    NaN out); {} when the method reports no term. A diagnostic costs its extra backward pass on logged
+    steps only."""
+    def measure():
+        return gradient_shares(grads, term_gradients())
+
+    template = jax.eval_shape(measure)
+    if not template:
+        return {}
+    return jax.lax.cond(logged, measure,
+                        lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), template))
+
+
+LOGGED_ONLY_PREFIX = "grad_share_"  # metrics computed on logged steps only, NaN on the others
 
 
 def gradient_shares(grads, term_gradients: dict) -> dict:
@@ -76,7 +101,7 @@ def gradient_shares(grads, term_gradients: dict) -> dict:
     for name, term in term_gradients.items():
         total = {subtree: grads[subtree] for subtree in term}
         rest = jax.tree.map(jnp.subtract, total, term)
-        shares[f"grad_share_{name}"] = optax.tree.norm(term) / jnp.maximum(optax.tree.norm(rest), 1e-12)
+        shares[f"{LOGGED_ONLY_PREFIX}{name}"] = optax.tree.norm(term) / jnp.maximum(optax.tree.norm(rest), 1e-12)
     return shares
 
 

@@ -49,9 +49,18 @@ def _host_batches(config, source, start_step: int = 0):
 
 
 def _mean_metrics(history: list) -> dict:
-    """Mean of each scalar metric over a list of per-step metric dicts (one device transfer)."""
+    """Mean of each scalar metric over a list of per-step metric dicts (one device transfer). A
+    logged-steps-only diagnostic (`step.LOGGED_ONLY_PREFIX`, NaN on the other steps) is averaged over the
+    steps that measured it, and left out when none did; any other NaN (a non-finite loss) stays visible."""
     stacked = jax.device_get(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *history))
-    return {name: float(np.mean(values)) for name, values in stacked.items()}
+    means = {}
+    for name, values in stacked.items():
+        if name.startswith(step_lib.LOGGED_ONLY_PREFIX):
+            values = values[~np.isnan(values)]
+            if not values.size:
+                continue
+        means[name] = float(np.mean(values))
+    return means
 
 
 def _epoch_summary(epoch, num_epochs, step, means, rate, elapsed, knn=None) -> str:
@@ -198,7 +207,7 @@ def _train_loop(config, state, batches, run_plan, mesh, sources, info, checkpoin
             epoch_start_time, epoch_start_step = time.perf_counter(), step
         nonfinite.observe(step, metrics)
         epoch_metrics.append(metrics)
-        if step % config.log_every_steps == 0 or step == total_steps:
+        if step_lib.is_logged_step(step, config.log_every_steps, total_steps):
             scalars = jax.device_get(metrics)
             rate = progress.update(step, float(scalars["loss"]))
             writer.write_scalars(step, scalars if rate is None else dict(scalars, images_per_second=rate))

@@ -1,11 +1,21 @@
 """Shared test fixtures: a tiny config, a tiny CUB-layout folder, the shared subset's location.
 
-Also JAX's persistent compilation cache for the whole test session: compiling dominates the suite's time
-on CPU, and many tests (and the processes they start: the CLI, the kill harness, fake-device runs)
-compile the same programs. Every program is still compiled once per clean checkout (CI starts empty);
-`FGPAIR_TEST_COMPILATION_CACHE=none` turns the cache off, another path moves it.
+Compiling dominates the suite's time on CPU, so the session (and every process a test starts, through the
+environment) compiles fast:
+- LLVM without optimisation (`XLA_FLAGS=--xla_backend_optimization_level=0`): XLA's HLO passes still run,
+  only the machine code is less optimised, which the tests' tiny steps do not mind (two fgpair tests:
+  110 s -> 55 s). Tests that start processes with XLA_FLAGS of their own add to `xla_flags()`, so both
+  sides of an equality compile the same way. `FGPAIR_TEST_XLA_OPTIMIZATION=default` keeps LLVM's default.
+- JAX's persistent compilation cache: many tests (and the processes they start: the CLI, the kill
+  harness, fake-device runs) compile the same programs. Every program is still compiled once per clean
+  checkout (CI starts empty); `FGPAIR_TEST_COMPILATION_CACHE=none` turns the cache off, another path moves it.
 """
 import os
+
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if os.environ.get("FGPAIR_TEST_XLA_OPTIMIZATION", "fast") == "fast" and FAST_COMPILE_XLA_FLAGS not in \
+        os.environ.get("XLA_FLAGS", ""):  # before JAX's CPU backend starts: it reads XLA_FLAGS once
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 
 import pytest
 
@@ -35,6 +45,12 @@ def use_compilation_cache() -> None:
 
 
 use_compilation_cache()
+
+
+def xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a process a test starts: the session's (the fast compile above) plus `flags`, e.g.
+    '--xla_force_host_platform_device_count=2'."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 def tiny_config(**overrides):

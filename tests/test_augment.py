@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from conftest import xla_flags
 from fgpair_jax.data import augment
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,7 +264,7 @@ def test_result_does_not_depend_on_sharding(tmp_path):
         assert len(out.sharding.device_set) == 4
         np.save("{tmp_path}/sharded.npy", np.asarray(out))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=120)

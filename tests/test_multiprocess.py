@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_cub
+from conftest import REPO, write_tiny_cub, xla_flags
 from fgpair_jax import cli, liveness
 from fgpair_jax.metrics_writer import read_jsonl
 
@@ -48,7 +48,7 @@ def base_env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                                                   "JAX_PROCESS_ID", "SLURM_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHON=sys.executable)
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), PYTHON=sys.executable)
     env.update(extra)
     return env
 

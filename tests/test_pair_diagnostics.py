@@ -11,7 +11,7 @@ from conftest import tiny_config
 from fgpair_jax import step as step_lib
 from fgpair_jax.evaluation.linear_probe import linear_probe
 from fgpair_jax.methods import fgpair
-from test_fgpair import STEP_AT_2, gradients
+from test_fgpair import STEP_AT_2, gradient_fn, gradients
 
 
 def test_pair_modes_make_the_pairs_they_name():
@@ -49,17 +49,43 @@ def test_gradient_share_is_the_pair_terms_part_of_the_encoder_gradient():
     """The logged share equals ||g(with L_Cp) - g(without)|| / ||g(without)|| on the encoder, the
     reference taken from two ordinary gradients of the whole loss (L_Cp switched on by the epoch)."""
     options = dict(STEP_AT_2, **{"fgpair.log_gradient_share": True})
+    state = gradient_fn(**options)[0]
+    config = tiny_config(method="fgpair", **options)
     with_pairs, aux = gradients(5.0, **options)
     without_pairs, aux_off = gradients(1.0, **options)
+    terms = jax.jit(lambda aux: fgpair.term_gradients(state.params, state, aux, config))
+    term, term_off = terms(aux), terms(aux_off)
     difference = jax.tree.map(jnp.subtract, with_pairs["encoder"], without_pairs["encoder"])
-    for got, want in zip(jax.tree.leaves(aux["term_gradients"]["pair"]["encoder"]), jax.tree.leaves(difference)):
+    for got, want in zip(jax.tree.leaves(term["pair"]["encoder"]), jax.tree.leaves(difference)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
-    share = float(step_lib.gradient_shares(with_pairs, aux["term_gradients"])["grad_share_pair"])
+    share = float(step_lib.gradient_shares(with_pairs, term)["grad_share_pair"])
     reference = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(difference))) /
                       np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(without_pairs["encoder"]))))
     assert share > 0 and share == pytest.approx(reference, rel=1e-3)
-    assert float(step_lib.gradient_shares(without_pairs, aux_off["term_gradients"])["grad_share_pair"]) == 0.0
+    assert float(step_lib.gradient_shares(without_pairs, term_off)["grad_share_pair"]) == 0.0
     assert 0.0 <= float(aux["metrics"]["pair_contrast"])
+    assert fgpair.term_gradients(state.params, state, {}, config) == {}  # the switch off: no pair inputs kept
+
+
+def test_the_gradient_share_is_measured_on_logged_steps_only():
+    """`step.logged_gradient_shares` runs the extra backward pass under lax.cond: the share on a logged
+    step, NaN (not measured) on the others, which the epoch means leave out; a method without terms adds
+    no metric. The logging rule is the train loop's: every log_every_steps-th step and the last."""
+    from fgpair_jax import train
+
+    assert [s for s in range(1, 11) if step_lib.is_logged_step(s, 4, 10)] == [4, 8, 10]
+    grads = {"encoder": {"w": jnp.array([3.0, 4.0])}}
+    term = {"pair": {"encoder": {"w": jnp.array([0.0, 4.0])}}}  # the rest is [3, 0]: share 4 / 3
+    shares = jax.jit(lambda logged: step_lib.logged_gradient_shares(logged, grads, lambda: term))
+    assert float(shares(True)["grad_share_pair"]) == pytest.approx(4.0 / 3.0)
+    assert np.isnan(float(shares(False)["grad_share_pair"]))
+    assert step_lib.logged_gradient_shares(jnp.bool_(True), grads, lambda: {}) == {}
+    history = [{"loss": jnp.float32(1.0), "grad_share_pair": jnp.float32(2.0)},
+               {"loss": jnp.float32(3.0), "grad_share_pair": jnp.float32(np.nan)}]
+    assert train._mean_metrics(history) == {"loss": 2.0, "grad_share_pair": 2.0}
+    unmeasured = [{"loss": jnp.float32(np.nan), "grad_share_pair": jnp.float32(np.nan)}]
+    means = train._mean_metrics(unmeasured)
+    assert "grad_share_pair" not in means and np.isnan(means["loss"])  # a non-finite loss stays visible
 
 
 def test_a_run_whose_pairs_never_switch_on_warns(caplog):

@@ -44,9 +44,13 @@ class Method(Protocol):
 
     def loss(self, params, state, view1, view2, rng, config, *, epoch) -> Tuple[jax.Array, dict]:
         """(scalar loss, aux): aux holds 'batch_stats', 'metrics' (dict of scalars, 'loss' among them),
-        what the method's `update_state` reads (MoCo: 'keys', 'ema_batch_stats') and optionally
-        'term_gradients' ({term: gradient of that weighted term on some params subtrees}, logged as
-        `grad_share_<term>` by `step.gradient_shares`); `epoch` is the fractional training progress."""
+        what the method's `update_state` and `term_gradients` read (MoCo: 'keys', 'ema_batch_stats');
+        `epoch` is the fractional training progress."""
+
+    def term_gradients(self, params, state, aux: dict, config) -> dict:
+        """{term: gradient of that weighted loss term restricted to some params subtrees} ({} if none: the
+        default), for the step's `aux` (`loss`'s) at `params`; logged as `grad_share_<term>` by
+        `step.gradient_shares`, computed on logged steps only (a diagnostic: one more backward pass)."""
 
     def eval_features(self, params, batch_stats, images, config, valid=None) -> jax.Array:
         """[B, D] float features of the frozen encoder for normalised [B, S, S, 3] images; `valid` (bool [B]

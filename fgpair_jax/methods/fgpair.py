@@ -300,13 +300,9 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
     # CPU than always computing it (results/README.md).
     loss_cp, pair_metrics = synthesized_pair_loss(params, state, image_a, image_b, pair_rng, config)
     total = loss_c + config.fgpair.alpha * loss_r + nu_t * loss_cp
-    if config.fgpair.log_gradient_share:
-        # d(nu_t L_Cp)/d(encoder): the step divides its norm by the rest of the encoder's gradient.
-        def weighted_pair_loss(encoder):
-            return nu_t * synthesized_pair_loss(dict(params, encoder=encoder), state, image_a, image_b, pair_rng,
-                                                config)[0]
-        aux["term_gradients"] = {"pair": {"encoder": jax.lax.stop_gradient(
-            jax.grad(weighted_pair_loss)(params["encoder"]))}}
+    if config.fgpair.log_gradient_share:  # what `term_gradients` recomputes L_Cp from, on logged steps
+        aux["pair_inputs"] = jax.lax.stop_gradient({"image_a": image_a, "image_b": image_b, "nu_t": nu_t,
+                                                    "rng": jax.random.key_data(pair_rng)})
     aux["extras"] = {"feature_variance": variance_ema, "variance_initialized": initialized}
     aux["metrics"].update({
         "loss": total,
@@ -318,6 +314,22 @@ def loss(params, state, view1, view2, rng, config, *, epoch):
         "mask_fraction": jnp.mean(mask),
     })
     return total, aux
+
+
+def term_gradients(params, state, aux, config) -> dict:
+    """`methods.Method.term_gradients`: {'pair': {'encoder': d(nu_t L_Cp)/d(encoder params)}} with
+    `fgpair.log_gradient_share`, else {}: L_Cp recomputed from the step's pair (`aux['pair_inputs']`, the
+    images, nu_t and the key the loss used), so the share is that step's exactly. One more backward
+    pass through the encoder, which the step runs on logged steps only."""
+    if "pair_inputs" not in aux:
+        return {}
+    inputs = aux["pair_inputs"]
+    rng = jax.random.wrap_key_data(inputs["rng"])
+
+    def weighted_pair_loss(encoder):
+        return inputs["nu_t"] * synthesized_pair_loss(dict(params, encoder=encoder), state, inputs["image_a"],
+                                                      inputs["image_b"], rng, config)[0]
+    return {"pair": {"encoder": jax.grad(weighted_pair_loss)(params["encoder"])}}
 
 
 def label(config) -> str:

@@ -79,6 +79,7 @@ def config_sections(flat: dict) -> set:
 optimizer_partitions = moco.optimizer_partitions  # the branch follows the run's SGD (main_moco.py: model.parameters())
 figure_arrays = moco.figure_arrays
 label = moco.label
+term_gradients = moco.term_gradients  # the attention KL's share is not measured
 
 
 def loss_schedule(config) -> dict:

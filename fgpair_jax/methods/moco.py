@@ -274,6 +274,12 @@ def frozen_embeddings(state, images, config):
     return query, keys
 
 
+def term_gradients(params, state, aux, config) -> dict:
+    """`methods.Method.term_gradients`: none (one loss term)."""
+    del params, state, aux, config
+    return {}
+
+
 def label(config) -> str:
     """`methods.Method.label`: the method's name (`config.method`)."""
     return config.method

@@ -204,6 +204,7 @@ def figure_query_and_loss(state, images, config):
 
 
 label = moco.label  # the method's name
+term_gradients = moco.term_gradients  # one loss term
 
 
 def loss_schedule(config) -> dict:
