@@ -47,10 +47,13 @@ def use_compilation_cache() -> None:
 use_compilation_cache()
 
 
-def xla_flags(*flags: str) -> str:
+def xla_flags(*flags: str, fast_compile: bool = True) -> str:
     """XLA_FLAGS for a process a test starts: the session's (the fast compile above) plus `flags`, e.g.
-    '--xla_force_host_platform_device_count=2'."""
-    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    '--xla_force_host_platform_device_count=2'; `fast_compile=False` leaves LLVM's default optimisation."""
+    session = os.environ.get("XLA_FLAGS", "")
+    if not fast_compile:
+        session = " ".join(f for f in session.split() if f != FAST_COMPILE_XLA_FLAGS)
+    return " ".join([session, *flags]).strip()
 
 
 def tiny_config(**overrides):
