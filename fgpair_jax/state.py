@@ -54,20 +54,29 @@ def method_sizes(config, num_train_examples: Optional[int]) -> dict:
 def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation, sizes: Mapping[str, int],
                        initial_variables=None) -> TrainState:
     """A fresh state; `sizes` from `method_sizes`. `initial_variables` (e.g. ImageNet weights) replaces the
-    random init when given."""
+    random init when given.
+
+    Built by one jitted program: op by op, the optimizer's and the method's init ran ~100 tiny programs,
+    each compiled on its own and each too quick to enter the persistent compilation cache (1.5 minutes for
+    the quick config on the 2-core CPU). The imported weights are an argument, not constants of the program."""
     method = get_method(config.method)
-    init_rng, method_rng, state_rng = jax.random.split(rng, 3)
-    if initial_variables is None:  # jitted: eager flax init runs op by op, far slower on CPU
-        initial_variables = jax.jit(lambda r: method.init_variables(r, config))(init_rng)
-    params, batch_stats = initial_variables["params"], initial_variables["batch_stats"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(state_rng),
-        method_state=method.init_state(method_rng, initial_variables, config, dict(sizes)),
-    )
+    sizes = dict(sizes)
+
+    def build(rng, initial_variables):
+        init_rng, method_rng, state_rng = jax.random.split(rng, 3)
+        if initial_variables is None:
+            initial_variables = method.init_variables(init_rng, config)
+        params, batch_stats = initial_variables["params"], initial_variables["batch_stats"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(state_rng),
+            method_state=method.init_state(method_rng, initial_variables, config, sizes),
+        )
+
+    return jax.jit(build)(rng, initial_variables)
 
 
 class LegacyLayout:
