@@ -143,6 +143,7 @@ def run_trials(root: str, trials: int, seed: int, tolerance: float = 1e-6, metho
     twice to check determinism (an exact match after interruptions implies it too)."""
     data_dir = write_tiny_cub(os.path.join(root, "CUB_200_2011"), train_per_class=16, test_per_class=4)
     overrides = [f"--config.method={method}", "--config.num_epochs=3", "--config.checkpoint_every_steps=2",
+                 "--config.eval.figures=false",  # figures are drawn from what is compared, and compare nothing
                  f"--config.data.data_dir={os.path.join(root, 'tfds')}"]
     steps = total_steps(3 * 16, overrides)
     log_path, cache = os.path.join(root, "runs.log"), os.path.join(root, "jax_cache")

@@ -152,6 +152,7 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     c.eval.probe_val_fraction = 0.2  # linear probe: held-out part of train that picks its weight decay
     c.eval.probe_weight_decays = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # probe grid (no 0: linear_probe.py)
     c.eval.recompute_bn_stats = False  # BN statistics recomputed on clean train images (hurts ImageNet starts: see features.py)
+    c.eval.figures = True  # draw <workdir>/figures/ after the final evaluation (false: metrics only, seconds sooner)
 
     c.log_every_steps = 10  # JSONL / TensorBoard cadence
     c.checkpoint_every_steps = 500  # also saved at the end of every epoch and of training

@@ -43,6 +43,7 @@ KEYS_ADDED_SINCE = {
     "fgpair.pair_mode": "decoded",
     "fgpair.decode_from": "pooled",
     "data.max_image_pixels": None,
+    "eval.figures": True,
     "fgpair.log_gradient_share": False,
     # Runs before LCR was ported exactly (1x1 conv D -> 1, softmax over positions): 0 marks them, and
     # `methods/lcr.py` refuses to resume or evaluate such an lcr run in one line.

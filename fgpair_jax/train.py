@@ -149,10 +149,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                if k != "step"})
     finally:
         writer.close()
-    announce(f"Drawing figures into {os.path.join(workdir, 'figures')} ...")
-    figures = _figures_without_losing_the_metrics(config, workdir, state, sources)
-    if figures:
-        announce(f"Figures: {', '.join(figures)}")
+    if config.eval.figures:
+        announce(f"Drawing figures into {os.path.join(workdir, 'figures')} ...")
+        figures = _figures_without_losing_the_metrics(config, workdir, state, sources)
+        if figures:
+            announce(f"Figures: {', '.join(figures)}")
     return metrics
 
 

@@ -118,21 +118,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
 
 
-@pytest.mark.parametrize("method", ["moco", "simsiam"])
-def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path, method):
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     """One trial of the kill harness (benchmarks/kill_resume.py runs ten, on fgpair): kill -9 at a random
     step, rerun to the end, compare every state leaf, the features, metrics.json and the logged losses
-    with an uninterrupted run. Exact equality after a kill also shows the run is deterministic. simsiam:
-    a method whose state holds no queue resumes as exactly."""
-    summary = kill_resume.run_trials(str(tmp_path), trials=1, seed=1, method=method, kinds=("kill",),
+    with an uninterrupted run. Exact equality after a kill also shows the run is deterministic. MoCo: the
+    queue, its pointer, the momentum encoder and shuffle-BN's randomness all resume. (A queue-free state,
+    simsiam's, restores through the same code: test_simsiam_byol.py checks what its state holds.)"""
+    summary = kill_resume.run_trials(str(tmp_path), trials=1, seed=1, method="moco", kinds=("kill",),
                                      max_interruptions=1, replicate=False, log=lambda line: None)
     result = summary["results"][0]
     assert result["interruptions"][0]["exit_code"] == -signal.SIGKILL, result  # it really was killed
     assert result["passed"], result
-    if method == "simsiam":  # the checkpoint holds SimSiam's state only: no queue, no momentum encoder
-        saved = kill_resume.final_state_leaves(os.path.join(str(tmp_path), "reference"))
-        assert not [name for name in saved if "queue" in name or "ema" in name], sorted(saved)[:5]
-        assert any(name.startswith("['params']['predictor']") for name in saved), sorted(saved)[:5]
 
 
 @pytest.fixture

@@ -25,8 +25,11 @@ One step, as this project reads the paper (README "Our reading"; every choice is
 Batch-norm running statistics are updated only by real images: the synthesized batches are normalised
 with their own batch statistics, but their statistic updates are discarded.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -366,12 +369,23 @@ def figure_arrays(state, images, rng, config) -> dict:
     """MoCo's Grad-CAM figure plus the synthesized pair of each image: 'pair_a', 'pair_b' (normalised
     [B, S, S, 3], made as `fgpair.pair_mode` makes them), 'pair_titles' (what each shows), 'pair_variant'
     (`variant_text`), 'pair_contrast_each' ([B] float32, `contrast_ratio_each` against the figure batch),
-    the 'mask' [D] and 'diagnostics' (`pair_diagnostics`). The mask uses a training step's criteria on `images` as the
-    batch (the state's variance EMA when the run ranks by it), with the frozen encoder's running BN
-    statistics and no augmentation, so it is the figure batch's mask, not a training batch's."""
+    the 'mask' [D] and 'diagnostics' (`pair_diagnostics`, Python floats). The mask uses a training step's
+    criteria on `images` as the batch (the state's variance EMA when the run ranks by it), with the frozen
+    encoder's running BN statistics and no augmentation, so it is the figure batch's mask, not a training
+    batch's. The arrays come from one compiled program (`figure_program`): op by op they were ~300 small
+    compiles, most of the figures' time on a CPU."""
+    out = jax.device_get(figure_program(state, images, rng, ml_collections.FrozenConfigDict(config)))
+    out["diagnostics"] = {name: float(value) for name, value in out["diagnostics"].items()}
+    out["pair_titles"], out["pair_variant"] = pair_titles(config), variant_text(config)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def figure_program(state, images, rng, config) -> dict:
+    """The arrays of `figure_arrays` (device arrays; 'diagnostics' as float32 scalars), jitted with the
+    config a static (frozen, hashable) argument."""
     mask_rng, perturb_rng = jax.random.split(rng)
     query, loss_of_map = base_method(config).figure_query_and_loss(state, images, config)
-    out = jax.device_get({"cam": gradcam.resized_cam(loss_of_map, query.feature_map, images.shape[1])})
     importance = gradcam_importance(loss_of_map, query, config)
     batch_variance = synthesis.feature_variance(query.pooled, relative=config.fgpair.relative_variance)
     mask = nondiscriminative_mask(mask_rng, importance, ranking_variance(state.method_state, batch_variance, config),
@@ -379,30 +393,28 @@ def figure_arrays(state, images, rng, config) -> dict:
     reconstruction, rendered_perturbed = synthesize_pair(state.params, decoder_input(query, config), mask,
                                                          perturb_rng, config)
     pair_a, pair_b = pair_images(reconstruction, rendered_perturbed, images, config)
-    out.update(jax.device_get({"pair_a": pair_a, "pair_b": pair_b, "mask": mask,
-                               "pair_contrast_each": contrast_ratio_each(pair_a, pair_b, images)}))
-    out["pair_titles"], out["pair_variant"] = pair_titles(config), variant_text(config)
-    out["diagnostics"] = pair_diagnostics(state, images, query.pooled, pair_a, pair_b, config)
-    return out
+    return {"cam": gradcam.resized_cam(loss_of_map, query.feature_map, images.shape[1]),
+            "pair_a": pair_a, "pair_b": pair_b, "mask": mask,
+            "pair_contrast_each": contrast_ratio_each(pair_a, pair_b, images),
+            "diagnostics": pair_diagnostics(state, images, query.pooled, pair_a, pair_b, config)}
 
 
 def pair_diagnostics(state, images, real_features, pair_a, pair_b, config) -> dict:
     """How different the pair is, as images and as the frozen encoder sees it, relative to two different
-    real images, as Python floats: 'pair_contrast' (`contrast_ratio`) and 'pair_feature_distance' =
-    mean ||f(x_a) - f(x_b)|| / mean ||f(x_i) - f(x_j)|| of the evaluation features f (pooled, running BN
-    statistics). `images` [B, S, S, 3] (B >= 2) are unaugmented figure images, every one paired
-    (`pair_a`, `pair_b` [B, S, S, 3]), so this 'pair_contrast' differs from the training log's (augmented
-    view, every `pair_stride`-th image). `real_features` [B, D] are f of `images`, computed by the caller.
-    This project's diagnostic (issue 14), not the paper's."""
+    real images, as float32 scalars (traceable): 'pair_contrast' (`contrast_ratio`) and
+    'pair_feature_distance' = mean ||f(x_a) - f(x_b)|| / mean ||f(x_i) - f(x_j)|| of the evaluation
+    features f (pooled, running BN statistics). `images` [B, S, S, 3] (B >= 2) are unaugmented figure
+    images, every one paired (`pair_a`, `pair_b` [B, S, S, 3]), so this 'pair_contrast' differs from the
+    training log's (augmented view, every `pair_stride`-th image). `real_features` [B, D] are f of
+    `images`, computed by the caller. This project's diagnostic (issue 14), not the paper's."""
     def feature_distance(a, b):
         return jnp.mean(jnp.linalg.norm(a - b, axis=-1))
 
     f = {"a": eval_features(state.params, state.batch_stats, pair_a, config),
          "b": eval_features(state.params, state.batch_stats, pair_b, config), "real": real_features}
     between_images = feature_distance(f["real"], jnp.roll(f["real"], 1, axis=0))
-    values = {"pair_contrast": contrast_ratio(pair_a, pair_b, images),
-              "pair_feature_distance": feature_distance(f["a"], f["b"]) / jnp.maximum(between_images, 1e-12)}
-    return {name: float(value) for name, value in jax.device_get(values).items()}
+    return {"pair_contrast": contrast_ratio(pair_a, pair_b, images),
+            "pair_feature_distance": feature_distance(f["a"], f["b"]) / jnp.maximum(between_images, 1e-12)}
 
 
 def validate(config) -> None:
