@@ -132,6 +132,7 @@ SMOKE_OVERRIDES = {
     "augment.saturation": 0.0, "augment.hue": 0.0, "augment.grayscale_prob": 0.0,
     "augment.brightness": 0.2, "augment.contrast": 0.2,
     "fgpair.decoder_channels": (16, 8), "eval.batch_size": 16, "eval.knn_k": 3,
+    "eval.figures": False,  # CPU seconds the rehearsal checks nothing of (tests/test_figures.py does)
 }
 # --smoke and --flops_only on CPU: LLVM without optimisation compiles ~3x faster (measured on the tiny
 # steps: fgpair 23 -> 8 s, its init 19 -> 4 s) and runs slower, which neither mode minds. XLA's cost
