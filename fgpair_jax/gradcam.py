@@ -5,10 +5,12 @@ its gradient G = dL_C/dA comes from differentiating that short tail alone — no
 through the encoder. Grad-CAM's weights are computed from -G (lower loss is better, so the sign is
 flipped relative to Grad-CAM on a class score).
 """
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 IMPORTANCE_SCORES = ("weight", "abs_weight", "grad_x_activation")
 
@@ -57,3 +59,17 @@ def resized_cam(loss_of_feature_map: Callable[[jax.Array], jax.Array], feature_m
     cam = gradcam_maps(feature_map, loss_gradient_wrt_feature_map(loss_of_feature_map, feature_map))
     cam = cam / jnp.maximum(jnp.max(cam, axis=(1, 2), keepdims=True), 1e-12)
     return jax.image.resize(cam, (cam.shape[0], image_size, image_size), "bilinear")
+
+
+def figure_cam(query_and_loss: Callable, state, images: jax.Array, config) -> jax.Array:
+    """`resized_cam` [B, S, S] float32 of a method's SSL loss on normalised `images` [B, S, S, 3], where
+    `query_and_loss(state, images, config)` gives (the query embedding, its loss as a function of the
+    feature map), e.g. `methods.moco.figure_query_and_loss`. One compiled program per method and config:
+    op by op, Grad-CAM's few dozen small operations each compiled on their own."""
+    return _figure_cam_program(query_and_loss, state, images, ml_collections.FrozenConfigDict(config))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _figure_cam_program(query_and_loss, state, images, config):
+    query, loss_of_map = query_and_loss(state, images, config)
+    return resized_cam(loss_of_map, query.feature_map, images.shape[1])

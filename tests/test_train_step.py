@@ -23,12 +23,13 @@ def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = 
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("method", ["fgpair", "fgpair_simsiam", "byol"])
+@pytest.mark.parametrize("method", ["fgpair", "fgpair_byol"])
 def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
-    """simsiam and byol normalise over the global batch (SyncBN): their BN statistics, hence every leaf,
-    must not depend on how many devices hold the batch either. fgpair's step holds MoCo's whole step
-    (shuffle BN, queue, momentum encoder) and fgpair_simsiam's SimSiam's, so moco and simsiam alone add
-    no code path (each pair of compiles costs a minute of CI)."""
+    """simsiam and byol normalise over the global batch (SyncBN, one function for both): their BN
+    statistics, hence every leaf, must not depend on how many devices hold the batch either. fgpair's
+    step holds MoCo's whole step (shuffle BN, queue, momentum encoder) and fgpair_byol's BYOL's (SyncBN,
+    target network, predictor), so moco, simsiam and byol alone add no device-dependent code path (each
+    pair of compiles costs a minute of CI)."""
     one = run_in_subprocess(tmp_path, 1, 1, method)
     two = run_in_subprocess(tmp_path, 2, 1, method)
     assert int(one.pop("devices")) == 1 and int(two.pop("devices")) == 2

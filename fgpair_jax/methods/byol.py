@@ -189,8 +189,7 @@ def loss_schedule(config) -> dict:
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM [B, S, S] of the BYOL loss} as numpy."""
     del rng
-    query, loss_of_map = figure_query_and_loss(state, images, config)
-    return jax.device_get({"cam": gradcam.resized_cam(loss_of_map, query.feature_map, images.shape[1])})
+    return jax.device_get({"cam": gradcam.figure_cam(figure_query_and_loss, state, images, config)})
 
 
 def optimizer_partitions(config) -> dict:

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from fgpair_jax import contrastive, gradcam
@@ -76,8 +77,9 @@ def predictor(config) -> BottleneckPredictor:
 
 
 def global_bn_model(model_config):
-    """`model_config` with one batch-norm group: statistics over the global batch (SyncBatchNorm)."""
-    model = model_config.copy_and_resolve_references()
+    """A copy of `model_config` (a ConfigDict, frozen or not) with one batch-norm group: statistics over
+    the global batch (SyncBatchNorm)."""
+    model = ml_collections.ConfigDict(model_config.to_dict())
     model.bn_groups = 1
     return model
 
@@ -216,8 +218,7 @@ def loss_schedule(config) -> dict:
 def figure_arrays(state, images, rng, config) -> dict:
     """{'cam': Grad-CAM [B, S, S] of the SimSiam loss} as numpy."""
     del rng
-    query, loss_of_map = figure_query_and_loss(state, images, config)
-    return jax.device_get({"cam": gradcam.resized_cam(loss_of_map, query.feature_map, images.shape[1])})
+    return jax.device_get({"cam": gradcam.figure_cam(figure_query_and_loss, state, images, config)})
 
 
 def state_sizes(config, num_train_examples) -> dict:
