@@ -54,5 +54,8 @@ setup(
         # UMAP instead of PCA in the 2-D maps of the test features (figures/embedding.py). Optional: it brings
         # numba, llvmlite, pynndescent and scikit-learn, and costs minutes of a loaded 2-core CPU per run.
         "umap": ["umap-learn>=0.5.5"],
+        # benchmarks/peer_step.py's PyTorch peer (lightly's MoCo v2), in a venv of its own: PyPI's torchvision
+        # does not import beside the dev extra's torch 2.13.0; 2.14.1 + 0.29.1 is the pair that imported here.
+        "peer": ["torch==2.14.1", "torchvision==0.29.1", "lightly==1.6.0"],
     },
 )

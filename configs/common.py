@@ -117,7 +117,7 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     c.fgpair.pair_stride = 1  # every k-th image of the batch gets a synthesized pair (cost knob)
     c.fgpair.decode_from = "pooled"  # decoder input: pooled (h, our reading) | feature_map (layout kept)
     c.fgpair.pair_mode = "decoded"  # decoded: (d(h), d(h')) | residual: (x, x + d(h') - d(h)); our reading: decoded
-    c.fgpair.log_gradient_share = False  # log ||d(nu_t L_Cp)/d encoder|| / ||the rest||: one more backward pass
+    c.fgpair.log_gradient_share = False  # log ||d(nu_t L_Cp)/d encoder|| / ||the rest||: one more backward pass on logged steps
     c.fgpair.base = "moco"  # SSL method under the pairs, giving L_C and L_Cp's form: moco (paper) | simsiam | byol
 
     c.simsiam = ml_collections.ConfigDict()  # SimSiam baseline (Chen & He 2021), facebookresearch/simsiam (methods/simsiam.py)

@@ -37,8 +37,9 @@ from fgpair_jax.evaluation.retrieval import retrieval_metrics
 from fgpair_jax.metrics_writer import announce, phase_bar
 
 METRICS_FILE = os.path.join("eval", "metrics.json")
-# What `evaluation_config` leaves out of the `eval.` keys: the kNN monitor's cadence during training.
-NOT_EVALUATION = ("eval.knn_every_epochs",)
+# What `evaluation_config` leaves out of the `eval.` keys: what changes no number of metrics.json (the kNN
+# monitor's cadence during training, whether figures are drawn).
+NOT_EVALUATION = ("eval.knn_every_epochs", "eval.figures")
 
 
 def _available(compute, unavailable: dict, family: str):

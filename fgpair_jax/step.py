@@ -90,18 +90,18 @@ def logged_gradient_shares(logged, grads, term_gradients) -> dict:
                         lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), template))
 
 
-LOGGED_ONLY_PREFIX = "grad_share_"  # metrics computed on logged steps only, NaN on the others
+GRADIENT_SHARE_PREFIX = "grad_share_"  # computed on logged steps only, NaN on the others (logged_gradient_shares)
 
 
 def gradient_shares(grads, term_gradients: dict) -> dict:
-    """{'grad_share_<term>': ||g_term|| / ||g - g_term||} for each loss term a method reports in
-    `aux['term_gradients']` (a gradient restricted to some params subtrees, e.g. fgpair's
-    nu * L_Cp on the encoder): how strongly that term pulls the weights against all the others."""
+    """{'grad_share_<term>': ||g_term|| / ||g - g_term||} for each loss term in `term_gradients` (the
+    method's `term_gradients`: a gradient restricted to some params subtrees, e.g. fgpair's nu * L_Cp on
+    the encoder): how strongly that term pulls the weights against all the others."""
     shares = {}
     for name, term in term_gradients.items():
         total = {subtree: grads[subtree] for subtree in term}
         rest = jax.tree.map(jnp.subtract, total, term)
-        shares[f"{LOGGED_ONLY_PREFIX}{name}"] = optax.tree.norm(term) / jnp.maximum(optax.tree.norm(rest), 1e-12)
+        shares[f"{GRADIENT_SHARE_PREFIX}{name}"] = optax.tree.norm(term) / jnp.maximum(optax.tree.norm(rest), 1e-12)
     return shares
 
 

@@ -50,12 +50,12 @@ def _host_batches(config, source, start_step: int = 0):
 
 def _mean_metrics(history: list) -> dict:
     """Mean of each scalar metric over a list of per-step metric dicts (one device transfer). A
-    logged-steps-only diagnostic (`step.LOGGED_ONLY_PREFIX`, NaN on the other steps) is averaged over the
+    logged-steps-only diagnostic (`step.GRADIENT_SHARE_PREFIX`, NaN on the other steps) is averaged over the
     steps that measured it, and left out when none did; any other NaN (a non-finite loss) stays visible."""
     stacked = jax.device_get(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *history))
     means = {}
     for name, values in stacked.items():
-        if name.startswith(step_lib.LOGGED_ONLY_PREFIX):
+        if name.startswith(step_lib.GRADIENT_SHARE_PREFIX):
             values = values[~np.isnan(values)]
             if not values.size:
                 continue

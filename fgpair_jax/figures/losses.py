@@ -1,5 +1,5 @@
 """loss_curves.png: each logged loss term and the pair weight against the step, with the total's
-formula and the schedule phases of the run's config."""
+formula and the schedule phases the method gives for the run's config (`Method.loss_schedule`)."""
 import numpy as np
 from matplotlib.figure import Figure
 

@@ -48,8 +48,8 @@ class Method(Protocol):
         `epoch` is the fractional training progress."""
 
     def term_gradients(self, params, state, aux: dict, config) -> dict:
-        """{term: gradient of that weighted loss term restricted to some params subtrees} ({} if none: the
-        default), for the step's `aux` (`loss`'s) at `params`; logged as `grad_share_<term>` by
+        """{term: gradient of that weighted loss term restricted to some params subtrees} ({} for a method
+        with one loss term), for the step's `aux` (`loss`'s) at `params`; logged as `grad_share_<term>` by
         `step.gradient_shares`, computed on logged steps only (a diagnostic: one more backward pass)."""
 
     def eval_features(self, params, batch_stats, images, config, valid=None) -> jax.Array:

@@ -366,7 +366,7 @@ def loss_schedule(config) -> dict:
 
 
 def figure_arrays(state, images, rng, config) -> dict:
-    """MoCo's Grad-CAM figure plus the synthesized pair of each image: 'pair_a', 'pair_b' (normalised
+    """The base method's Grad-CAM figure plus the synthesized pair of each image: 'pair_a', 'pair_b' (normalised
     [B, S, S, 3], made as `fgpair.pair_mode` makes them), 'pair_titles' (what each shows), 'pair_variant'
     (`variant_text`), 'pair_contrast_each' ([B] float32, `contrast_ratio_each` against the figure batch),
     the 'mask' [D] and 'diagnostics' (`pair_diagnostics`, Python floats). The mask uses a training step's
