@@ -186,7 +186,7 @@ def test_a_data_set_other_than_cub_trains_and_evaluates_from_the_cli(name, tmp_p
     folder = synthetic.write_tiny(name, str(tmp_path / name))
     result = subprocess.run(
         [sys.executable, "-m", "fgpair_jax.main", f"--config=configs/{name}.py:tiny", f"--workdir={tmp_path / 'run'}",
-         f"--config.data.manual_dir={folder}", "--config.method=moco"],
+         f"--config.data.manual_dir={folder}", "--config.method=moco", "--config.eval.figures=false"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Data: {name} (3 classes" in result.stderr + result.stdout

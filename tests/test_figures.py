@@ -53,6 +53,27 @@ def test_queries_are_deterministic_spread_and_have_a_positive():
     assert retrieval.choose_queries(np.arange(5), 3).size == 0
 
 
+@pytest.mark.parametrize("method,base", [("moco", ""), ("lcr", ""), ("simsiam", ""), ("byol", ""),
+                                         ("fgpair", "moco"), ("fgpair", "simsiam"), ("fgpair", "byol")])
+def test_every_method_gives_its_figure_arrays(method, base):
+    """`Method.figure_arrays` of a fresh tiny state: a Grad-CAM map per image in [0, 1], and fgpair's pair
+    on every base. (A figure that fails is only a warning at the end of a run, so this is where it shows.)"""
+    import jax
+    from fgpair_jax import optim, state as state_lib
+
+    config = tiny_config(method=method, **({"fgpair.base": base} if base else {}))
+    tx = optim.make_optimizer(config, steps_per_epoch=10)
+    state = state_lib.create_train_state(config, jax.random.key(0), tx, state_lib.method_sizes(config, 18))
+    images = jax.random.normal(jax.random.key(1), (4, config.data.image_size, config.data.image_size, 3))
+    arrays = get_method(method).figure_arrays(state, images, jax.random.key(2), config)
+    cam = np.asarray(arrays["cam"])
+    assert cam.shape == images.shape[:3] and np.all(np.isfinite(cam)) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+    if method == "fgpair":
+        assert np.asarray(arrays["pair_a"]).shape == np.asarray(arrays["pair_b"]).shape == images.shape
+        assert set(arrays["diagnostics"]) == {"pair_contrast", "pair_feature_distance"}
+        assert all(isinstance(v, float) and math.isfinite(v) for v in arrays["diagnostics"].values())
+
+
 def test_every_figure_writes_a_png_from_small_arrays(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)

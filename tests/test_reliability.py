@@ -187,7 +187,7 @@ def test_resume_with_another_worker_count_continues_with_the_same_batches(tmp_pa
     def config(workers):
         return tiny_config(method="moco", **{"data.manual_dir": data, "data.data_dir": str(tmp_path / "tfds"),
                                              "data.worker_count": workers, "num_epochs": 2, "keep_checkpoints": 0,
-                                             "checkpoint_every_steps": 1})
+                                             "checkpoint_every_steps": 1, "eval.figures": False})
 
     def resume(source, stopped_after, workers):
         """A copy of the run `source` as if stopped after step `stopped_after`, resumed with `workers`."""
@@ -473,7 +473,8 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_the_rerun_resumes(tmp_path)
     data = write_tiny_cub(str(tmp_path / "CUB_200_2011"), train_per_class=16, test_per_class=2)
     workdir = str(tmp_path / "run")
     overrides = ["--config.method=moco", "--config.num_epochs=40", "--config.eval.knn_every_epochs=0",
-                 f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.worker_count=2"]
+                 f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.worker_count=2",
+                 "--config.eval.figures=false"]
 
     def interrupt_after_step(after: int, name: str):
         """Run the command in its own process group; Ctrl-C it once step `after` is logged."""

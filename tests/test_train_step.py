@@ -69,7 +69,8 @@ def batch_of(config, images, index):
 @pytest.fixture(scope="module")
 def compiled():
     """One tiny config, optimiser and compiled step shared by the tests (compiling dominates their time)."""
-    config = tiny_config(method="fgpair", **{"optim.learning_rate": 0.1, "fgpair.warmup_epochs": 0})
+    config = tiny_config(method="fgpair", **{"optim.learning_rate": 0.1, "fgpair.warmup_epochs": 0,
+                                             "fgpair.log_gradient_share": True, "log_every_steps": 2})
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config, steps_per_epoch=1000)  # near-constant learning rate over a test
     return config, mesh, tx, step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
@@ -100,6 +101,19 @@ def test_save_restore_then_next_step_is_identical(tmp_path, compiled):
     for a, b in zip(leaves(reference_next), leaves(resumed_next)):
         np.testing.assert_array_equal(a, b)
     assert float(reference_metrics["loss"]) == float(resumed_metrics["loss"])
+
+
+def test_the_step_measures_the_gradient_share_on_logged_steps_only(compiled):
+    """The real step with `fgpair.log_gradient_share` (log_every_steps 2): NaN on step 1, a finite
+    share of the pair term on step 2."""
+    config, mesh, tx, train_step = compiled
+    images = patterned_images(0, 32, config.data.image_size)
+    state = fresh_state(config, mesh, tx)
+    shares = []
+    for index in range(2):
+        state, metrics = train_step(state, parallel.global_batch(batch_of(config, images, index), mesh))
+        shares.append(float(metrics["grad_share_pair"]))
+    assert np.isnan(shares[0]) and np.isfinite(shares[1]) and shares[1] >= 0, shares
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, compiled):
