@@ -7,6 +7,7 @@ forward + the gradients with respect to its input and its kernel, jitted, at the
 layer sees for each image size. Milliseconds per call, and each convolution's share of the sum.
 
     python benchmarks/conv_sweep.py --sizes=64,72,96,112 --out=results/bench/conv_sweep.json
+    python benchmarks/conv_sweep.py --sizes=64,72,112 --split --out=results/bench/conv_sweep_split.json
 """
 import json
 import os
@@ -20,6 +21,8 @@ from absl import app, flags
 
 _SIZES = flags.DEFINE_list("sizes", ["64", "72", "96", "112"], "Image sizes (px).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per convolution (after one warm-up call).", lower_bound=1)
+_SPLIT = flags.DEFINE_bool("split", False, "Also time the forward, the input gradient and the kernel gradient "
+                           "each alone (three more programs per convolution).")
 _OUT = flags.DEFINE_string("out", None, "JSON result file.")
 BATCH = 64
 
@@ -53,24 +56,34 @@ def time_conv(size, cin, cout, kernel, stride) -> dict:
         return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    @jax.jit
     def fwd_bwd(x, w):
         y, pullback = jax.vjp(conv, x, w)
         return pullback(jnp.ones_like(y))
 
-    start = time.perf_counter()
-    jax.block_until_ready(fwd_bwd(x, w))
-    compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(_STEPS.value):
-        out = fwd_bwd(x, w)
-    jax.block_until_ready(out)
-    ms = 1000 * (time.perf_counter() - start) / _STEPS.value
+    def milliseconds(fn):
+        """(compile seconds, ms per call) of jax.jit(fn)(x, w)."""
+        jitted = jax.jit(fn)
+        start = time.perf_counter()
+        jax.block_until_ready(jitted(x, w))
+        compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(_STEPS.value):
+            out = jitted(x, w)
+        jax.block_until_ready(out)
+        return compile_seconds, 1000 * (time.perf_counter() - start) / _STEPS.value
+
+    compile_seconds, ms = milliseconds(fwd_bwd)
+    parts = {}
+    if _SPLIT.value:
+        cotangent = jnp.ones(jax.eval_shape(conv, x, w).shape)
+        parts = {"forward_ms": milliseconds(conv)[1],
+                 "input_gradient_ms": milliseconds(lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](cotangent))[1],
+                 "kernel_gradient_ms": milliseconds(lambda x, w: jax.vjp(lambda w: conv(x, w), w)[1](cotangent))[1]}
     out_size = (size + 2 * pad - kernel) // stride + 1
     gflop = 3 * 2 * BATCH * out_size * out_size * cout * cin * kernel * kernel / 1e9  # fwd + 2 backward convs
     return {"input_size": size, "output_size": out_size, "in_channels": cin, "out_channels": cout,
             "kernel": kernel, "stride": stride, "ms_per_call": ms, "gflop_per_call": gflop,
-            "gflop_per_second": gflop / (ms / 1000), "compile_seconds": compile_seconds}
+            "gflop_per_second": gflop / (ms / 1000), "compile_seconds": compile_seconds, **parts}
 
 
 def main(argv):
