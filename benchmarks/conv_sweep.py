@@ -1,7 +1,7 @@
 """Which of ResNet-18's convolutions leaves XLA's fast CPU path at some image sizes (issue 27.2).
 
-`peer_step.py` found plain ResNet-18 forward + backward 3-4x slower at 56, 64 and 112 px than at 72-96 px
-on XLA's CPU backend, where torch slows smoothly with size. This times each distinct convolution of
+`peer_step.py` found plain ResNet-18 forward + backward far slower at some image sizes than at their
+neighbours on XLA's CPU backend, where torch slows smoothly with size (results/README.md). This times each distinct convolution of
 ResNet-18 alone (NHWC, float32, batch 64, `lax.conv_general_dilated` as flax's `nn.Conv` calls it):
 forward + the gradients with respect to its input and its kernel, jitted, at the spatial size that
 layer sees for each image size. Milliseconds per call, and each convolution's share of the sum.

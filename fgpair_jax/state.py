@@ -56,9 +56,10 @@ def create_train_state(config, rng: jax.Array, tx: optax.GradientTransformation,
     """A fresh state; `sizes` from `method_sizes`. `initial_variables` (e.g. ImageNet weights) replaces the
     random init when given.
 
-    Built by one jitted program: op by op, the optimizer's and the method's init ran ~100 tiny programs,
-    each compiled on its own and each too quick to enter the persistent compilation cache (1.5 minutes for
-    the quick config on the 2-core CPU). The imported weights are an argument, not constants of the program."""
+    Built by one jitted program: op by op, the optimizer's and the method's init ran as many tiny
+    programs, each compiled on its own and each too quick to enter the persistent compilation cache
+    (results/README.md, `compile_cache.json`). The imported weights are an argument, not constants of the
+    program."""
     method = get_method(config.method)
     sizes = dict(sizes)
 

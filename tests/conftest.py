@@ -3,8 +3,8 @@
 Compiling dominates the suite's time on CPU, so the session (and every process a test starts, through the
 environment) compiles fast:
 - LLVM without optimisation (`XLA_FLAGS=--xla_backend_optimization_level=0`): XLA's HLO passes still run,
-  only the machine code is less optimised, which the tests' tiny steps do not mind (two fgpair tests:
-  110 s -> 55 s). Tests that start processes with XLA_FLAGS of their own add to `xla_flags()`, so both
+  only the machine code is less optimised, which the tests' tiny steps do not mind (compiles about
+  halve: results/README.md, "Test suite"). Tests that start processes with XLA_FLAGS of their own add to `xla_flags()`, so both
   sides of an equality compile the same way. `FGPAIR_TEST_XLA_OPTIMIZATION=default` keeps LLVM's default.
 - JAX's persistent compilation cache: many tests (and the processes they start: the CLI, the kill
   harness, fake-device runs) compile the same programs. Every program is still compiled once per clean

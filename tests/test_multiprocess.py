@@ -47,9 +47,9 @@ def base_env(devices: int, fast_compile: bool = True, **extra) -> dict:
     """The environment of a run: CPU, `devices` fake devices per process, this checkout's code.
 
     `fast_compile=False` keeps LLVM's default optimisation (not the session's fast compile) for runs
-    compared number for number: under the fast compile, 2 processes x 2 devices ended 1.6e-3 (relative)
-    away from 1 process x 4 devices after the tiny run, where the default agrees to 1e-5. Not
-    investigated further: the runs users make use the default."""
+    compared number for number: under the fast compile, 2 processes x 2 devices ended farther from
+    1 process x 4 devices than the test's tolerance, where the default agrees (results/README.md, "Test
+    suite"). Not investigated further: the runs users make use the default."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                                                   "JAX_PROCESS_ID", "SLURM_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),

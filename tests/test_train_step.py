@@ -66,6 +66,16 @@ def batch_of(config, images, index):
     return {"view1": chunk, "view2": chunk}
 
 
+def train_on(train_step, state, config, images, mesh, steps: int):
+    """(state after `steps` steps on the batches `batch_of(config, images, 0..steps-1)`, each step's
+    metrics on the host)."""
+    history = []
+    for index in range(steps):
+        state, metrics = train_step(state, parallel.global_batch(batch_of(config, images, index), mesh))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
 @pytest.fixture(scope="module")
 def compiled():
     """One tiny config, optimiser and compiled step shared by the tests (compiling dominates their time)."""
@@ -83,9 +93,7 @@ def leaves(state):
 def test_save_restore_then_next_step_is_identical(tmp_path, compiled):
     config, mesh, tx, train_step = compiled
     images = patterned_images(0, 32, config.data.image_size)
-    state = fresh_state(config, mesh, tx)
-    for index in range(2):
-        state, _ = train_step(state, parallel.global_batch(batch_of(config, images, index), mesh))
+    state, _ = train_on(train_step, fresh_state(config, mesh, tx), config, images, mesh, 2)
 
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "ckpt"), 2, checkpointing.fingerprint(config, state))
     checkpointer.save(2, state, {"next_index": 2})
@@ -108,11 +116,8 @@ def test_the_step_measures_the_gradient_share_on_logged_steps_only(compiled):
     share of the pair term on step 2."""
     config, mesh, tx, train_step = compiled
     images = patterned_images(0, 32, config.data.image_size)
-    state = fresh_state(config, mesh, tx)
-    shares = []
-    for index in range(2):
-        state, metrics = train_step(state, parallel.global_batch(batch_of(config, images, index), mesh))
-        shares.append(float(metrics["grad_share_pair"]))
+    _, history = train_on(train_step, fresh_state(config, mesh, tx), config, images, mesh, 2)
+    shares = [float(metrics["grad_share_pair"]) for metrics in history]
     assert np.isnan(shares[0]) and np.isfinite(shares[1]) and shares[1] >= 0, shares
 
 
@@ -147,11 +152,8 @@ def test_ssl_loss_falls_on_tiny_data(compiled):
     _, mesh, tx, _ = compiled
     train_step = step_lib.make_train_step(config, tx, mesh, steps_per_epoch=1000)
     images = patterned_images(1, 48, config.data.image_size)
-    state = fresh_state(config, mesh, tx)
-    losses = []
-    for index in range(60):
-        state, metrics = train_step(state, parallel.global_batch(batch_of(config, images, index), mesh))
-        losses.append(float(metrics["loss"]))
+    _, history = train_on(train_step, fresh_state(config, mesh, tx), config, images, mesh, 60)
+    losses = [float(metrics["loss"]) for metrics in history]
     # From step 2 on the queue holds real keys; compare an early and a late window.
     early, late = np.mean(losses[2:12]), np.mean(losses[-10:])
     assert late < early - 0.5, (early, late, losses)

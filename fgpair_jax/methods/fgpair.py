@@ -372,8 +372,8 @@ def figure_arrays(state, images, rng, config) -> dict:
     the 'mask' [D] and 'diagnostics' (`pair_diagnostics`, Python floats). The mask uses a training step's
     criteria on `images` as the batch (the state's variance EMA when the run ranks by it), with the frozen
     encoder's running BN statistics and no augmentation, so it is the figure batch's mask, not a training
-    batch's. The arrays come from one compiled program (`figure_program`): op by op they were ~300 small
-    compiles, most of the figures' time on a CPU."""
+    batch's. The arrays come from one compiled program (`figure_program`): op by op, each small operation
+    compiled on its own, most of the figures' time on a CPU."""
     out = jax.device_get(figure_program(state, images, rng, ml_collections.FrozenConfigDict(config)))
     out["diagnostics"] = {name: float(value) for name, value in out["diagnostics"].items()}
     out["pair_titles"], out["pair_variant"] = pair_titles(config), variant_text(config)
