@@ -63,6 +63,28 @@ def truncate_jsonl(path: str, resume_step: int) -> None:
     write_atomically(path, write)
 
 
+def summary_writer_class():
+    """`tensorboardX.SummaryWriter`, imported (lazily: only process 0 needs it) without importing torch.
+
+    tensorboardX's writer module imports torch whenever it is installed, only to accept torch tensors as
+    values (tensorboardX 2.6 `writer.py`: `numpy_compatible = torch.Tensor`, in a try/except ImportError).
+    This module passes Python floats, and importing torch costs seconds in every training process of an
+    environment that has it (a researcher's, the tests'). When neither is imported yet, torch is hidden
+    from that one import (`sys.modules["torch"] = None` makes it raise the ImportError tensorboardX
+    expects) and unhidden right after, so a later `import torch` in the process works as usual.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends `{"step": s, **scalars}` lines to `<workdir>/metrics.jsonl` and scalars to TensorBoard."""
 
@@ -73,9 +95,7 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         truncate_jsonl(self.jsonl_path, resume_step)
-        from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tensorboard = summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         if not self.enabled:
