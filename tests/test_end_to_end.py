@@ -95,30 +95,16 @@ def test_wrongly_typed_config_value_is_an_error(tmp_path):
     assert "num_epochs" in result.stderr
 
 
-def test_evaluation_runs_on_a_device_count_that_does_not_divide_its_batch(tiny_cub, tmp_path):
-    """The issue's reproduction: on 3 devices with global batch 6 the run trained, then died at the first
-    kNN monitor with an IndivisibleError (eval batch 16 over 3 devices). The eval batch is now rounded up."""
-    workdir = str(tmp_path / "run")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=3"))
-    result = subprocess.run([sys.executable, "-m", "fgpair_jax.main", "--config=configs/cub.py:tiny",
-                             "--config.method=moco", "--config.global_batch_size=6", "--config.moco.queue_size=12",
-                             "--config.eval.knn_every_epochs=1",
-                             f"--config.data.manual_dir={tiny_cub}", f"--workdir={workdir}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 3 cpu device(s)" in result.stdout
-    assert "config.eval.batch_size=16 rounded up to 18, a multiple of the 3 devices" in result.stdout
-    assert "knn_top1" in result.stdout.split("epoch 1/1")[1].splitlines()[0]  # the kNN monitor ran
-    features = np.load(os.path.join(workdir, "eval", "features.npz"))
-    assert features["train_features"].shape[0] == 18 and features["test_features"].shape[0] == 9
-
-
-def test_tilde_paths_and_evaluating_after_the_data_moved(tmp_path):
-    """`~` in --workdir, data.manual_dir and data.data_dir means $HOME (never a folder named '~' here), and
-    `evaluate` takes overrides of data paths and evaluation knobs, refusing any that changes what trained."""
+def test_indivisible_device_count_tilde_paths_and_evaluating_after_the_data_moved(tmp_path):
+    """Two issues' reproductions in one training run (each CLI run costs CI seconds):
+    - on 3 devices with global batch 6 the run trained, then died at the first kNN monitor with an
+      IndivisibleError (eval batch 16 over 3 devices); the eval batch is now rounded up;
+    - `~` in --workdir, data.manual_dir and data.data_dir means $HOME (never a folder named '~' here), and
+      `evaluate` takes overrides of data paths and evaluation knobs, refusing any that changes what trained."""
     home = tmp_path / "home"
     write_tiny_cub(str(home / "CUB_200_2011"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(home))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(home),
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=3"))
 
     def cli(module, *args):
         return subprocess.run([sys.executable, "-m", module, *args], cwd=str(tmp_path), env=env, capture_output=True,
@@ -126,8 +112,14 @@ def test_tilde_paths_and_evaluating_after_the_data_moved(tmp_path):
 
     result = cli("fgpair_jax.main", f"--config={os.path.join(REPO, 'configs', 'cub.py')}:tiny", "--workdir=~/run",
                  "--config.data.manual_dir=~/CUB_200_2011", "--config.data.data_dir=~/tfds",
-                 "--config.method=moco", "--config.eval.figures=false")  # paths are all this test is about
+                 "--config.method=moco", "--config.global_batch_size=6", "--config.moco.queue_size=12",
+                 "--config.eval.knn_every_epochs=1", "--config.eval.figures=false")  # figures: not checked here
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 3 cpu device(s)" in result.stdout
+    assert "config.eval.batch_size=16 rounded up to 18, a multiple of the 3 devices" in result.stdout
+    assert "knn_top1" in result.stdout.split("epoch 1/1")[1].splitlines()[0]  # the kNN monitor ran
+    features = np.load(home / "run" / "eval" / "features.npz")
+    assert features["train_features"].shape[0] == 18 and features["test_features"].shape[0] == 9
     assert not os.path.exists(tmp_path / "~")
     assert (home / "run" / "eval" / "metrics.json").exists() and (home / "tfds").is_dir()
 
