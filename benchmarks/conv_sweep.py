@@ -8,6 +8,10 @@ layer sees for each image size. Milliseconds per call, and each convolution's sh
 
     python benchmarks/conv_sweep.py --sizes=64,72,96,112 --out=results/bench/conv_sweep.json
     python benchmarks/conv_sweep.py --sizes=64,72,112 --split --out=results/bench/conv_sweep_split.json
+    python benchmarks/conv_sweep.py --impl=im2col --sizes=64,72,96,112 --out=results/bench/conv_sweep_im2col.json
+
+`--impl=im2col` times the same convolutions as the patches @ kernel product the encoders use on CPU
+(`config.model.conv_impl`, fgpair_jax/models/conv.py).
 """
 import json
 import os
@@ -23,6 +27,8 @@ _SIZES = flags.DEFINE_list("sizes", ["64", "72", "96", "112"], "Image sizes (px)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per convolution (after one warm-up call).", lower_bound=1)
 _SPLIT = flags.DEFINE_bool("split", False, "Also time the forward, the input gradient and the kernel gradient "
                            "each alone (three more programs per convolution).")
+_IMPL = flags.DEFINE_enum("impl", "xla", ["xla", "im2col"], "xla: lax.conv_general_dilated; im2col: the "
+                          "patches @ kernel product of fgpair_jax/models/conv.py (config.model.conv_impl).")
 _OUT = flags.DEFINE_string("out", None, "JSON result file.")
 BATCH = 64
 
@@ -53,6 +59,9 @@ def time_conv(size, cin, cout, kernel, stride) -> dict:
     pad = kernel // 2
 
     def conv(x, w):
+        if _IMPL.value == "im2col":
+            from fgpair_jax.models.conv import conv_im2col
+            return conv_im2col(x, w, (stride, stride), ((pad, pad), (pad, pad)))
         return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -96,7 +105,7 @@ def main(argv):
             row["share_of_sum"] = row["ms_per_call"] / total
         results[str(image_size)] = {"sum_ms": total, "convolutions": rows}
         print(image_size, f"{total:.0f} ms", {n: round(r["ms_per_call"]) for n, r in rows.items()}, flush=True)
-    report = {"benchmark": "conv_sweep", "batch": BATCH, "steps": _STEPS.value, "jax_version": jax.__version__,
+    report = {"benchmark": "conv_sweep", "impl": _IMPL.value, "batch": BATCH, "steps": _STEPS.value, "jax_version": jax.__version__,
               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
               "host": {"cpu_count": os.cpu_count(), "machine": platform.machine()},
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_at_end": os.getloadavg()[0],

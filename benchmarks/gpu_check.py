@@ -133,6 +133,7 @@ SMOKE_OVERRIDES = {
     "augment.brightness": 0.2, "augment.contrast": 0.2,
     "fgpair.decoder_channels": (16, 8), "eval.batch_size": 16, "eval.knn_k": 3,
     "eval.figures": False,  # CPU seconds the rehearsal checks nothing of (tests/test_figures.py does)
+    "model.conv_impl": "xla",  # the GPU's own path (`auto` takes im2col on CPU), and the faster compile
 }
 # --smoke and --flops_only on CPU: LLVM without optimisation compiles ~3x faster (measured on the tiny
 # steps: fgpair 23 -> 8 s, its init 19 -> 4 s) and runs slower, which neither mode minds. XLA's cost

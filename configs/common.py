@@ -83,6 +83,7 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     c.model.init_prefix = ""  # '' finds the online encoder in a wrapped checkpoint; else its exact prefix (e.g. 'state_dict.module.encoder_q.')
     c.model.frozen_stages = 0  # EfficientNet-Lite0: stem + first N stages frozen (no gradient, running BN)
     c.model.depthwise_impl = "auto"  # EfficientNet-Lite0 depthwise conv: auto | shifted (fast on CPU) | conv
+    c.model.conv_impl = "auto"  # dense convs: auto (im2col on CPU, xla elsewhere) | xla | im2col (models/conv.py)
     c.model.keep_bn_stats = False  # True: BN running statistics stay at init during SSL (evaluation uses them)
 
     c.moco = ml_collections.ConfigDict()
@@ -224,6 +225,9 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
         c.model.name = "resnet_tiny"
         c.model.init = "none"
         c.model.frozen_stages = 0
+        # XLA's convolution: an 8-channel net at 32 px has no slow convolution to avoid, and im2col's
+        # windows compile slower (the tests compile this config hundreds of times; results/README.md).
+        c.model.conv_impl = "xla"
         c.moco.queue_size = 8  # below 18 train images minus a batch: no query meets its own image (moco#87)
         c.moco.momentum = 0.9
         c.optim.learning_rate = 0.05

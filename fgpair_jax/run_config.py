@@ -23,6 +23,7 @@ from fgpair_jax.errors import ConfigError, MissingFileError
 from fgpair_jax.evaluation.linear_probe import GRID_BEFORE_ZERO_WAS_DROPPED
 from fgpair_jax.methods import BASELINE, METHODS, config_sections, get_method
 from fgpair_jax.models import check_init, compute_dtype, frozen_modules
+from fgpair_jax.models.conv import CONV_IMPLS
 from fgpair_jax.models.efficientnet_lite import DEPTHWISE_IMPLS
 
 CONFIG_FILE = "config.json"
@@ -77,6 +78,8 @@ KEYS_ADDED_SINCE = {
     "data.cache_gib": 0.0,
     # Issue 27: a cached program computes what a fresh compile does, so older runs get the cache too.
     "compilation_cache_dir": "auto",
+    # Issue 27: runs before the im2col convolution used XLA's everywhere.
+    "model.conv_impl": "xla",
 }
 
 # Keys a resumed run may change: evaluation, logging, checkpoint cadence, where files are (data, compiled
@@ -86,7 +89,7 @@ KEYS_ADDED_SINCE = {
 MAY_CHANGE_ON_RESUME = ("eval.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
                         "data.manual_dir", "data.download", "data.data_dir", "data.eval_crop_fraction", "data.worker_count",
                         "data.cache_gib",
-                        "model.depthwise_impl",
+                        "model.depthwise_impl", "model.conv_impl",
                         "fgpair.log_gradient_share", "compilation_cache_dir")
 
 
@@ -233,6 +236,8 @@ def validate(config) -> None:
     check_init(config.model.init, config.model)
     _check(config.model.depthwise_impl in DEPTHWISE_IMPLS,
            f"config.model.depthwise_impl={config.model.depthwise_impl!r}: use one of {DEPTHWISE_IMPLS}.")
+    _check(config.model.conv_impl in CONV_IMPLS,
+           f"config.model.conv_impl={config.model.conv_impl!r}: use one of {CONV_IMPLS}.")
     _check(config.model.bn_groups >= 1 and config.global_batch_size % config.model.bn_groups == 0,
            f"config.model.bn_groups={config.model.bn_groups} must divide config.global_batch_size="
            f"{config.global_batch_size} (each batch-norm group normalises its own slice).")

@@ -34,7 +34,7 @@ def _no_frozen_stages(frozen_stages: int) -> Tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    build: Callable[..., nn.Module]  # (bn_groups=, dtype=, frozen_stages=, depthwise_impl=) -> module
+    build: Callable[..., nn.Module]  # (bn_groups=, dtype=, frozen_stages=, depthwise_impl=, conv_impl=) -> module
     feature_dim: int  # width D of the pooled feature vector
     normalization: Normalization = IMAGENET_NORMALIZATION  # input scaling of its pretrained weights
     frozen_modules: Callable[[int], Tuple[str, ...]] = _no_frozen_stages  # frozen_stages -> module names
@@ -42,7 +42,8 @@ class Encoder:
 
 
 def _resnet(constructor):
-    return lambda bn_groups, dtype, **unused: constructor(bn_groups=bn_groups, dtype=dtype)
+    return lambda bn_groups, dtype, conv_impl="auto", **unused: constructor(bn_groups=bn_groups, dtype=dtype,
+                                                                           conv_impl=conv_impl)
 
 
 def _torchvision(name: str) -> Callable[[], str]:
@@ -80,10 +81,12 @@ def compute_dtype(model_config) -> jnp.dtype:
 
 
 def build_encoder(model_config) -> nn.Module:
-    """The linen encoder module of `model_config` (name, dtype, bn_groups, frozen_stages, depthwise_impl)."""
+    """The linen encoder module of `model_config` (name, dtype, bn_groups, frozen_stages, depthwise_impl,
+    conv_impl)."""
     return encoder_record(model_config).build(
         bn_groups=model_config.bn_groups, dtype=compute_dtype(model_config),
-        frozen_stages=model_config.get("frozen_stages", 0), depthwise_impl=model_config.get("depthwise_impl", "auto"))
+        frozen_stages=model_config.get("frozen_stages", 0), depthwise_impl=model_config.get("depthwise_impl", "auto"),
+        conv_impl=model_config.get("conv_impl", "auto"))
 
 
 def input_normalization(model_config) -> Normalization:

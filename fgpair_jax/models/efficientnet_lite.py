@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fgpair_jax.errors import ConfigError
+from fgpair_jax.models.conv import conv_general_dilated
 from fgpair_jax.models.heads import trunk_outputs
 from fgpair_jax.models.norm import GroupedBatchNorm
 
@@ -184,11 +185,13 @@ class MBConvBlock(nn.Module):
     expand_ratio: int
     norm: Any = GroupedBatchNorm
     depthwise_impl: str = "auto"
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs):
-        conv1x1 = functools.partial(nn.Conv, kernel_size=(1, 1), use_bias=False, dtype=self.dtype)
+        conv1x1 = functools.partial(nn.Conv, kernel_size=(1, 1), use_bias=False, dtype=self.dtype,
+                                    conv_general_dilated=conv_general_dilated(self.conv_impl))
         x = inputs
         hidden = inputs.shape[-1] * self.expand_ratio
         if self.expand_ratio != 1:
@@ -212,6 +215,8 @@ class EfficientNetLite(nn.Module):
       num_classes: if > 0, the ImageNet-style `fc` classifier is added and its logits returned as a third
         output (used only to check imported ImageNet weights).
       depthwise_impl: "auto" | "shifted" | "conv" (see module doc; all give the same numbers).
+      conv_impl: "auto" | "xla" | "im2col": how the dense (stem and 1x1) convolutions are computed
+        (models/conv.py; the same parameters and, to float rounding, the same numbers).
       frozen_stages: the stem and the first N of the 7 MBConv stages get no gradient
         (`jax.lax.stop_gradient` on their output) and normalise with their running statistics, which
         they do not update; 0 = train everything. Saves the backward pass through the high-resolution
@@ -224,6 +229,7 @@ class EfficientNetLite(nn.Module):
     num_classes: int = 0
     depthwise_impl: str = "auto"
     frozen_stages: int = 0
+    conv_impl: str = "auto"
 
     @property
     def feature_dim(self) -> int:
@@ -241,8 +247,9 @@ class EfficientNetLite(nn.Module):
         norm = self._norm(train and self.frozen_stages == 0)
         x = x.astype(self.dtype)
         pads = (same_padding(x.shape[1], 3, 2), same_padding(x.shape[2], 3, 2))
+        dense = conv_general_dilated(self.conv_impl)
         x = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding=pads, use_bias=False, dtype=self.dtype,
-                    name="conv_stem")(x)
+                    conv_general_dilated=dense, name="conv_stem")(x)
         x = jax.nn.relu6(norm(name="bn0")(x))
         block_index = 0
         for stage, (repeats, kernel, stride, expand_ratio, out_channels) in enumerate(self.stages):
@@ -250,11 +257,13 @@ class EfficientNetLite(nn.Module):
             for repeat in range(repeats):
                 x = MBConvBlock(out_channels, kernel, stride if repeat == 0 else 1, expand_ratio,
                                 norm=self._norm(train and not frozen), depthwise_impl=self.depthwise_impl,
+                                conv_impl=self.conv_impl,
                                 dtype=self.dtype, name=f"blocks_{block_index}")(x)
                 block_index += 1
             if frozen:
                 x = jax.lax.stop_gradient(x)
-        x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype, name="conv_head")(x)
+        x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype, conv_general_dilated=dense,
+                    name="conv_head")(x)
         x = jax.nn.relu6(self._norm(train)(name="bn1")(x))
         return trunk_outputs(x, self.num_classes)
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fgpair_jax.models.conv import conv_general_dilated
 from fgpair_jax.models.heads import trunk_outputs
 from fgpair_jax.models.norm import GroupedBatchNorm
 
@@ -21,11 +22,13 @@ class BasicBlock(nn.Module):
     strides: int = 1
     norm: Any = GroupedBatchNorm
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                                 conv_general_dilated=conv_general_dilated(self.conv_impl))
         y = conv(self.features, (3, 3), (self.strides,) * 2, padding=((1, 1), (1, 1)), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
@@ -43,11 +46,13 @@ class Bottleneck(nn.Module):
     strides: int = 1
     norm: Any = GroupedBatchNorm
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                                 conv_general_dilated=conv_general_dilated(self.conv_impl))
         out_features = self.features * self.expansion
         y = conv(self.features, (1, 1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
@@ -72,6 +77,8 @@ class ResNet(nn.Module):
       width: channels of the stem and first stage (64 in the real ResNets; small for tests).
       num_classes: if > 0, an ImageNet-style `fc` classifier is added and its logits returned as a
         third output (used only to check imported ImageNet weights).
+      conv_impl: "auto" | "xla" | "im2col": how each convolution is computed (models/conv.py; the same
+        parameters and, to float rounding, the same numbers).
     """
 
     stage_sizes: Sequence[int]
@@ -80,6 +87,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     num_classes: int = 0
     width: int = 64
+    conv_impl: str = "auto"
 
     @property
     def feature_dim(self) -> int:
@@ -92,14 +100,14 @@ class ResNet(nn.Module):
         )
         x = x.astype(self.dtype)
         x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
-                    name="conv1")(x)
+                    conv_general_dilated=conv_general_dilated(self.conv_impl), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = self.block(self.width * 2**stage, strides, norm=norm, dtype=self.dtype,
-                               name=f"layer{stage + 1}_{index}")(x)
+                               conv_impl=self.conv_impl, name=f"layer{stage + 1}_{index}")(x)
         return trunk_outputs(x, self.num_classes)
 
 
