@@ -47,6 +47,16 @@ def use_compilation_cache() -> None:
 use_compilation_cache()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes half a minute or more of the 2-core CPU; collected first")
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` tests first, the rest in their usual order. pytest-xdist hands tests out in collection
+    order, so a slow test collected late runs alone at the end while the other worker has nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def xla_flags(*flags: str, fast_compile: bool = True) -> str:
     """XLA_FLAGS for a process a test starts: the session's (the fast compile above) plus `flags`, e.g.
     '--xla_force_host_platform_device_count=2'; `fast_compile=False` leaves LLVM's default optimisation."""

@@ -51,6 +51,7 @@ def test_result_does_not_depend_on_the_statistics_it_starts_from():
         assert not np.allclose(a, old)  # every layer of this model updates
 
 
+@pytest.mark.slow
 def test_frozen_layers_keep_their_statistics_and_feed_the_others_with_them():
     """EfficientNet-Lite0 with its stem and first stage frozen (they normalise with running statistics
     even in train mode). The updating layers must get the fixed point computed from one train-mode

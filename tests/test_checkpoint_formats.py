@@ -450,6 +450,7 @@ def test_export_refuses_efficientnet_and_unknown_suffixes(tmp_path):
 # ----------------------------------------------------------------------------- the commands
 
 
+@pytest.mark.slow
 def test_one_command_evaluates_an_lcr_checkpoint_and_export_writes_it_back(tiny_cub, tmp_path):
     """`fgpair_jax.evaluate_checkpoint` scores a published-style LCR checkpoint as it is (method lcr, its
     conv16/bn16 attention) into eval/metrics.json + features.npz; `fgpair_jax.export` writes the run's

@@ -57,6 +57,7 @@ def norm(tree):
 STEP_AT_2 = {"fgpair.warmup_epochs": 2, "fgpair.ramp_epochs": 0}  # L_Cp off before epoch 2, full after
 
 
+@pytest.mark.slow
 def test_decoder_learns_only_from_reconstruction_and_encoder_from_contrast_and_pairs():
     grads, aux = gradients(5.0, **STEP_AT_2)
     assert float(aux["metrics"]["loss_pair"]) > 0 and float(aux["metrics"]["pair_weight"]) == 1.0
@@ -124,6 +125,7 @@ def load_real_images(count, size):
     return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])
 
 
+@pytest.mark.slow
 def test_reconstruction_loss_falls_on_real_images():
     requires_shared_cub()
     config = tiny_config(method="fgpair", **{"global_batch_size": 16, "moco.queue_size": 32})

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from fgpair_jax.evaluation import HEADLINE_METRICS
 
@@ -43,6 +45,7 @@ def check_training_run(run):
     assert positive(run["wall_seconds"])
 
 
+@pytest.mark.slow
 def test_smoke_check_then_paper_table(tmp_path):
     report = run_gpu_check(tmp_path / "check.json")
     assert report["complete"] and report["mode"] == "check" and report["smoke"]

@@ -198,6 +198,7 @@ def test_loss_uses_the_per_group_mean_gradient_and_sums_the_kl(groups):
     assert set(aux["batch_stats"]) == {"encoder", "attention"}
 
 
+@pytest.mark.slow
 def test_the_kl_moves_the_encoder_through_the_target_side_too(monkeypatch):
     """In lcr.loss, the gradient x activation target is not detached (the original never detaches featmap):
     detaching it changes the KL's gradient on the encoder."""

@@ -122,6 +122,7 @@ def slurm_env(env: dict, process: int, port: int) -> dict:
                 JAX_COORDINATOR_PORT=str(port))
 
 
+@pytest.mark.slow
 def test_two_processes_train_stop_resume_and_evaluate_like_one(tmp_path):
     started = phase_started = time.perf_counter()
     phases = {}
@@ -245,6 +246,7 @@ def run_pair_until_one_fails(tmp_path, planted: str, victim: int):
         processes.kill_all()
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_other_in_bounded_time_with_one_line(tmp_path):
     """kill -9 of process 1 of a 2 x 1 job (when it draws its first batch): the survivor's peer watch
     finds it silent for FGPAIR_HEARTBEAT_TIMEOUT seconds (10 here) and ends the survivor with one line,

@@ -118,6 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     """One trial of the kill harness (benchmarks/kill_resume.py runs ten, on fgpair): kill -9 at a random
     step, rerun to the end, compare every state leaf, the features, metrics.json and the logged losses
@@ -177,6 +178,7 @@ def parsed_flags():
         flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_resume_with_another_worker_count_continues_with_the_same_batches(tmp_path, parsed_flags):
     """The issue's reproduction: grain's iterator state differs per worker count, and restoring it under
     another `data.worker_count` crashed (0->2: KeyError 'exhausted', 2->0: KeyError 'next_index', 2->3:
@@ -467,6 +469,7 @@ def test_a_first_ctrl_c_requests_a_stop_and_a_second_interrupts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_the_rerun_resumes(tmp_path):
     """The issue: Ctrl-C (SIGINT to the terminal's process group, grain's worker processes included) printed
     three KeyboardInterrupt tracebacks and saved nothing. Now it is SIGTERM's clean stop."""

@@ -182,6 +182,7 @@ def fgpair_gradients(base, epoch):
     return config, state, (view1, view2), grads, aux
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["simsiam", "byol"])
 def test_fgpair_pair_term_is_the_bases_own_loss_on_the_pair(base):
     config, state, (view1, _), grads, aux = fgpair_gradients(base, 5.0)

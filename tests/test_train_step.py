@@ -23,6 +23,7 @@ def run_in_subprocess(tmp_path, num_devices: int, num_steps: int, method: str = 
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fgpair", "fgpair_byol"])
 def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
     """simsiam and byol normalise over the global batch (SyncBN, one function for both): their BN
@@ -38,6 +39,7 @@ def test_one_step_on_two_devices_equals_one_device(tmp_path, method):
         np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_steps_under_64_bit_mode_equal_the_default_and_stay_32_bit(tmp_path):
     """A user's JAX_ENABLE_X64=1 crashed the first step (int32 and int64 queue indices); now it is the same step."""
     wide = run_in_subprocess(tmp_path, 1, 2, "fgpair", JAX_ENABLE_X64="1")
