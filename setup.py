@@ -56,6 +56,7 @@ setup(
         "umap": ["umap-learn>=0.5.5"],
         # benchmarks/peer_step.py's PyTorch peer (lightly's MoCo v2), in a venv of its own: PyPI's torchvision
         # does not import beside the dev extra's torch 2.13.0; 2.14.1 + 0.29.1 is the pair that imported here.
-        "peer": ["torch==2.14.1", "torchvision==0.29.1", "lightly==1.6.0"],
+        # (efficientnet-lite-pytorch: the Lite0 of its quick-config step.)
+        "peer": ["torch==2.14.1", "torchvision==0.29.1", "lightly==1.6.0", "efficientnet-lite-pytorch==0.1.0"],
     },
 )

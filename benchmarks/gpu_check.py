@@ -845,6 +845,8 @@ def main(argv):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CPU_COMPILE_XLA_FLAGS}".strip()
     script_overrides = dict(SMOKE_OVERRIDES) if smoke else (
         {} if _FLOPS_ONLY.value or jax.default_backend() == "cpu" else dict(ACCELERATOR_OVERRIDES))
+    if _FLOPS_ONLY.value:  # the GPU's program (XLA's convolutions), not the CPU's im2col one
+        script_overrides["model.conv_impl"] = "xla"
     base = run_config.override(_CONFIG.value, script_overrides)
     mode = "flops_only" if _FLOPS_ONLY.value else "paper_table" if _PAPER_TABLE.value else "check"
     report = {"benchmark": "gpu_check", "mode": mode, "smoke": smoke, "complete": False,

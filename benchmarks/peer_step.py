@@ -20,7 +20,8 @@ Two measurements, each side in its own fresh process, one after the other (never
   the step's gap (and XLA's small-size cliff) is the convolutions'.
 
 Both sides time steady-state steps after warm-up steps (compile seconds reported apart); inputs are
-random, fixed. The peer needs torch, torchvision and lightly: the `peer` extra, in a venv of its own
+random, fixed. The peer needs torch, torchvision, lightly and efficientnet-lite-pytorch: the `peer` extra,
+in a venv of its own
 (PyPI's torchvision does not import beside the dev extra's torch 2.13.0; setup.py). Kept out of CI.
 
     python3 -m venv .venv-peer && .venv-peer/bin/pip install -e '.[peer]'
@@ -187,8 +188,11 @@ def torch_side() -> dict:
     import torch
     import torchvision
 
+    from importlib.metadata import version
+
     return {"versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                         "lightly": lightly.__version__},
+                         "lightly": lightly.__version__,
+                         "efficientnet-lite-pytorch": version("efficientnet-lite-pytorch")},
             "threads": torch.get_num_threads(),
             "mocov2": {name: {"default": torch_mocov2(name, False), "channels_last": torch_mocov2(name, True)}
                        for name in _MOCO.value},

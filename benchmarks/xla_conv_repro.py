@@ -6,7 +6,7 @@ forward, the gradient with respect to the input, the gradient with respect to th
 shapes per cliff, against the same convolution written as an im2col matrix product:
 - 512 -> 512 channels on a 2x2 map vs a 3x3 map (ResNet-18's last stage at 64 vs 72 px images);
 - 64 -> 64 channels on a 28x28 map vs an 18x18 map (its first stage at 112 vs 72 px).
-A convolution with ~2.25x fewer multiply-adds (2x2 vs 3x3 map) should not take ~20x longer.
+A convolution with 2.25x fewer multiply-adds (2x2 vs 3x3 map) should not take longer at all.
 
     python benchmarks/xla_conv_repro.py
 """

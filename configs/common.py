@@ -194,7 +194,8 @@ def get_config(arg: str = "", *, data_set: str = "cub", manual_dir: str = "",
     if variant == "scratch":
         # The CPU test bed: what SSL itself teaches, from a random init, so that a method's gain is not
         # "erodes an ImageNet start less". ResNet-18 at half width and 80 px: full width is several times
-        # slower on 2 cores, and XLA's CPU convolutions fall off a cliff at 64 px (results/README.md, test bed). 80 = 5 * 2**4 suits the decoder, and the last
+        # slower on 2 cores, and (chosen before conv_impl existed) XLA's CPU convolutions fall off a cliff at 64 px
+        # (results/README.md, test bed). 80 = 5 * 2**4 suits the decoder, and the last
         # feature map is 3x3 (LCR's attention has positions to choose from). The learning rate is the
         # usual small-data MoCo v2 value, not tuned; 40 epochs, because at 20 MoCo v2 only ties the random
         # encoder on the validation split (results/README.md).

@@ -71,7 +71,10 @@ def summary_writer_class():
     This module passes Python floats, and importing torch costs seconds in every training process of an
     environment that has it (a researcher's, the tests'). When neither is imported yet, torch is hidden
     from that one import (`sys.modules["torch"] = None` makes it raise the ImportError tensorboardX
-    expects) and unhidden right after, so a later `import torch` in the process works as usual.
+    expects) and unhidden right after, so a later `import torch` in the process works as usual. While
+    hidden, an import of torch from another thread fails too, and a module first imported in that moment
+    keeps its "no torch" view; tensorboardX itself still converts torch tensors (x2num imports torch
+    lazily).
     """
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
