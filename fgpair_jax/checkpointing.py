@@ -328,15 +328,17 @@ class Checkpointer:
         """(state, data position) at `step`; `CheckpointReadError` (one line) if it does not restore completely.
 
         The error is raised outside the `except` block, so it does not keep orbax's error (a message of
-        hundreds of lines, and frames holding the reads orbax abandoned) alive as its context.
+        hundreds of lines, and frames holding the reads orbax abandoned) alive as its context. The reads a
+        failed restore abandons are quieted from before the first read: they can reach the hook as soon as
+        the `except` block lets go of orbax's error, before the line that raises ours.
         """
+        _quiet_abandoned_reads()
         try:
             return self._restore_complete(step, template_state)
         except CheckpointMismatchError:
             raise
         except Exception as error:  # orbax re-raises tensorstore's read failures as a bare Exception
             cause = read_failure_cause(error)
-        _quiet_abandoned_reads()
         raise CheckpointReadError(f"Checkpoint step {step} in {self.directory} does not restore ({cause}).",
                                   cause=cause)
 
